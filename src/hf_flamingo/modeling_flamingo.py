@@ -1,0 +1,808 @@
+"""PyTorch Flamingo model: a vision encoder, a Perceiver Resampler and tanh-gated cross-attention attached to an
+unmodified causal language model through forward pre-hooks (OpenFlamingo v2 semantics)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput, logging
+
+from .configuration_flamingo import FlamingoConfig
+from .language_model_hooks import CrossAttentionConditioning, LanguageModelHooks
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class FlamingoCausalLMOutputWithPast(ModelOutput):
+    """
+    Output of [`FlamingoForConditionalGeneration`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
+            Next-token prediction loss of the language model.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            Prediction scores of the language modelling head.
+        past_key_values (`Cache`, *optional*, returned when `use_cache=True`):
+            The language model's key/value cache.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The language model's hidden states.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            The language model's self-attention weights.
+        image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, vision_hidden_size)`, *optional*):
+            The Perceiver Resampler's output for the images of this call; pass it back as `image_hidden_states` to
+            skip re-encoding the images.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """`(batch, length, heads * head_dim)` -> `(batch, heads, length, head_dim)`."""
+    batch, length, width = x.shape
+    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """`(batch, heads, length, head_dim)` -> `(batch, length, heads * head_dim)`."""
+    batch, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+class FlamingoFeedForward(nn.Sequential):
+    """`Linear(GELU(Linear(LayerNorm(x))))`, without biases; state-dict keys `0` (norm), `1` (up) and `3` (down)."""
+
+    def __init__(self, dim: int, mult: int):
+        inner_dim = dim * mult
+        super().__init__(
+            nn.LayerNorm(dim), nn.Linear(dim, inner_dim, bias=False), nn.GELU(), nn.Linear(inner_dim, dim, bias=False)
+        )
+
+
+class FlamingoPerceiverAttention(nn.Module):
+    """Latents attend to the concatenation of the visual features and themselves."""
+
+    def __init__(self, dim: int, dim_head: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        inner_dim = dim_head * heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner_dim, bias=False)
+        self.to_kv = nn.Linear(dim, inner_dim * 2, bias=False)
+        self.to_out = nn.Linear(inner_dim, dim, bias=False)
+
+    def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            features (`torch.Tensor` of shape `(batch, num_features, dim)`): Visual features of one image each.
+            latents (`torch.Tensor` of shape `(batch, num_latents, dim)`): Current latents.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, num_latents, dim)`: The attention update (before the residual).
+        """
+        features = self.norm_media(features)
+        latents = self.norm_latents(latents)
+        query = _split_heads(self.to_q(latents), self.heads)
+        key, value = self.to_kv(torch.cat((features, latents), dim=1)).chunk(2, dim=-1)
+        attended = F.scaled_dot_product_attention(
+            query, _split_heads(key, self.heads), _split_heads(value, self.heads)
+        )
+        return self.to_out(_merge_heads(attended))
+
+
+class FlamingoPerceiverLayer(nn.ModuleList):
+    """One Perceiver Resampler layer: `[attention, feed-forward]`, each with a residual connection."""
+
+    def __init__(self, dim: int, dim_head: int, heads: int, ff_mult: int):
+        super().__init__([FlamingoPerceiverAttention(dim, dim_head, heads), FlamingoFeedForward(dim, ff_mult)])
+
+    def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        attention, feed_forward = self[0], self[1]
+        latents = attention(features, latents) + latents
+        return feed_forward(latents) + latents
+
+
+class FlamingoPerceiverResampler(nn.Module):
+    """Resamples each image's visual features to `perceiver_num_latents` latent vectors."""
+
+    def __init__(self, config: FlamingoConfig):
+        super().__init__()
+        dim = config.vision_hidden_size
+        self.latents = nn.Parameter(torch.empty(config.perceiver_num_latents, dim))
+        if config.max_num_frames:
+            self.frame_embs = nn.Parameter(torch.empty(config.max_num_frames, dim))
+        else:
+            self.register_parameter("frame_embs", None)
+        if config.max_num_media:
+            self.media_time_embs = nn.Parameter(torch.empty(config.max_num_media, 1, dim))
+        else:
+            self.register_parameter("media_time_embs", None)
+        self.layers = nn.ModuleList(
+            FlamingoPerceiverLayer(dim, config.perceiver_dim_head, config.perceiver_heads, config.perceiver_ff_mult)
+            for _ in range(config.perceiver_depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            features (`torch.Tensor` of shape `(batch, num_images, num_frames, num_tokens, dim)`): Visual features.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, num_images, num_latents, dim)`.
+        """
+        batch, num_images, num_frames, num_tokens, dim = features.shape
+        if self.frame_embs is not None:
+            if num_frames > self.frame_embs.shape[0]:
+                raise ValueError(f"Got {num_frames} frames per image but `max_num_frames` is {self.frame_embs.shape[0]}.")
+            features = features + self.frame_embs[:num_frames].view(1, 1, num_frames, 1, dim)
+        features = features.reshape(batch, num_images, num_frames * num_tokens, dim)
+        if self.media_time_embs is not None:
+            if num_images > self.media_time_embs.shape[0]:
+                raise ValueError(
+                    f"Got {num_images} images per sample but `max_num_media` is {self.media_time_embs.shape[0]}."
+                )
+            features = features + self.media_time_embs[:num_images]
+        # Images are resampled independently: fold them into the batch axis.
+        features = features.reshape(batch * num_images, num_frames * num_tokens, dim)
+        latents = self.latents.unsqueeze(0).expand(batch * num_images, -1, -1)
+        for layer in self.layers:
+            latents = layer(features, latents)
+        return self.norm(latents).view(batch, num_images, -1, dim)
+
+
+class FlamingoMaskedCrossAttention(nn.Module):
+    """Text tokens (queries) attend to image latents (keys/values) under a per-token image mask."""
+
+    def __init__(self, dim: int, dim_visual: int, dim_head: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        inner_dim = dim_head * heads
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner_dim, bias=False)
+        self.to_kv = nn.Linear(dim_visual, inner_dim * 2, bias=False)
+        self.to_out = nn.Linear(inner_dim, dim, bias=False)
+
+    def forward(
+        self, hidden_states: torch.Tensor, media: torch.Tensor, attention_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch, seq_len, dim)`): Text hidden states.
+            media (`torch.Tensor` of shape `(batch, num_images * num_latents, dim_visual)`): Image latents.
+            attention_bias (`torch.Tensor` of shape `(batch, 1, seq_len, num_images * num_latents)`, *optional*):
+                Additive mask (0 where allowed, the dtype's minimum elsewhere).
+
+        Returns:
+            `torch.Tensor` of shape `(batch, seq_len, dim)`.
+        """
+        query = _split_heads(self.to_q(self.norm(hidden_states)), self.heads)
+        key, value = self.to_kv(media).chunk(2, dim=-1)
+        attended = F.scaled_dot_product_attention(
+            query,
+            _split_heads(key, self.heads),
+            _split_heads(value, self.heads),
+            attn_mask=None if attention_bias is None else attention_bias.to(query.dtype),
+        )
+        return self.to_out(_merge_heads(attended))
+
+
+class FlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
+    """`x + tanh(attn_gate) * cross_attention(x)`, then `x + tanh(ff_gate) * feed_forward(x)`.
+
+    Both gates start at 0, so a fresh block is the identity. The feed-forward branch runs on every token, including
+    tokens without an image (as in OpenFlamingo).
+    """
+
+    def __init__(self, config: FlamingoConfig):
+        super().__init__()
+        dim = config.text_hidden_size
+        self.attn = FlamingoMaskedCrossAttention(
+            dim, config.vision_hidden_size, config.xattn_dim_head, config.xattn_heads
+        )
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = FlamingoFeedForward(dim, config.xattn_ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        media: torch.Tensor | None = None,
+        attention_bias: torch.Tensor | None = None,
+        media_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch, seq_len, dim)`): Input of the decoder layer.
+            media (`torch.Tensor` of shape `(batch, num_images * num_latents, dim_visual)`, *optional*):
+                Image latents; `None` when no token attends to an image (only the feed-forward branch runs).
+            attention_bias (`torch.Tensor` of shape `(batch, 1, seq_len, num_images * num_latents)`, *optional*):
+                Additive cross-attention mask.
+            media_rows (`torch.Tensor` of shape `(batch, seq_len, 1)`, *optional*):
+                `False` for tokens with no preceding image, whose attention output is set to exactly 0.
+        """
+        hidden_states = hidden_states.to(self.attn_gate.dtype)
+        if media is not None:
+            attended = self.attn(hidden_states, media.to(hidden_states.dtype), attention_bias)
+            if media_rows is not None:
+                attended = torch.where(media_rows, attended, torch.zeros_like(attended))
+            hidden_states = hidden_states + self.attn_gate.tanh() * attended
+        return hidden_states + self.ff_gate.tanh() * self.ff(hidden_states)
+
+
+def build_cross_attention_mask(
+    text_time: torch.LongTensor, num_images: int, num_latents: int, only_immediate: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Builds the cross-attention mask from each token's image index.
+
+    Args:
+        text_time (`torch.LongTensor` of shape `(batch, seq_len)`):
+            1-based index of the most recent image for every token (0 before the first image).
+        num_images (`int`): Number of images per sample (after padding).
+        num_latents (`int`): Latents per image.
+        only_immediate (`bool`): Attend only to the most recent image, or to all images up to it.
+        dtype (`torch.dtype`): Dtype of the additive mask.
+
+    Returns:
+        `tuple(torch.Tensor, torch.Tensor)`: the additive mask of shape `(batch, 1, seq_len, num_images * num_latents)`
+        and the boolean `media_rows` of shape `(batch, seq_len, 1)`, `True` for tokens that have an image.
+    """
+    key_image = torch.arange(1, num_images + 1, device=text_time.device).repeat_interleave(num_latents)
+    query_image = text_time.unsqueeze(-1)
+    allowed = query_image == key_image if only_immediate else query_image >= key_image
+    media_rows = text_time > 0
+    # Rows with no image may attend anywhere (keeping the softmax finite); their output is zeroed afterwards.
+    allowed = allowed | ~media_rows.unsqueeze(-1)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=text_time.device)
+    bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)
+    return bias.unsqueeze(1), media_rows.unsqueeze(-1)
+
+
+class FlamingoPreTrainedModel(PreTrainedModel):
+    config_class = FlamingoConfig
+    config: FlamingoConfig
+    base_model_prefix = "flamingo"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FlamingoGatedCrossAttentionBlock", "FlamingoPerceiverLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # The vision and language models are PreTrainedModels and initialise their own modules; only Flamingo's
+        # modules reach this method. They follow OpenFlamingo: PyTorch's default Linear/LayerNorm initialisation,
+        # standard-normal latents and time embeddings, and closed (zero) gates.
+        if isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, FlamingoPerceiverResampler):
+            init.normal_(module.latents, std=1.0)
+            if module.frame_embs is not None:
+                init.normal_(module.frame_embs, std=1.0)
+            if module.media_time_embs is not None:
+                init.normal_(module.media_time_embs, std=1.0)
+        elif isinstance(module, FlamingoGatedCrossAttentionBlock):
+            init.zeros_(module.attn_gate)
+            init.zeros_(module.ff_gate)
+
+
+class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin):
+    """Flamingo: a vision encoder and Perceiver Resampler whose image latents condition a causal language model
+    through tanh-gated cross-attention blocks.
+
+    The language model is built with `AutoModelForCausalLM.from_config(config.text_config)` (or given ready-made) and
+    left unmodified: the blocks live in `gated_cross_attn_layers` (keyed by the index of the decoder layer they run
+    in front of) and are called from forward pre-hooks on the decoder layers. The language model's own parameters keep
+    their keys under `language_model.`.
+
+    Args:
+        config ([`FlamingoConfig`]): Model configuration.
+        vision_model (`PreTrainedModel`, *optional*): A ready vision encoder matching `config.vision_config`.
+        language_model (`PreTrainedModel`, *optional*): A ready causal LM matching `config.text_config`.
+    """
+
+    def __init__(
+        self,
+        config: FlamingoConfig,
+        vision_model: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        if config.media_token_id is None:
+            raise ValueError(
+                "`config.media_token_id` is not set: it must be the id of the `<image>` token in your tokenizer "
+                "(e.g. `FlamingoProcessor(...).media_token_id`)."
+            )
+        self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        self.perceiver = FlamingoPerceiverResampler(config)
+        self.gated_cross_attn_layers = nn.ModuleDict(
+            {str(index): FlamingoGatedCrossAttentionBlock(config) for index in config.cross_attention_layer_indices()}
+        )
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        self._lm_hooks = LanguageModelHooks(config.cross_attention_layer_indices())
+        self._lm_hooks.attach(self.language_model, config.num_text_layers, config.decoder_layers_attr)
+        self._embedding_grad_hook = None
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Construction helpers
+
+    @classmethod
+    def from_backbones(
+        cls,
+        vision_model: str | os.PathLike | PreTrainedModel,
+        language_model: str | os.PathLike | PreTrainedModel,
+        *,
+        tokenizer: Any | None = None,
+        dtype: torch.dtype | str | None = None,
+        device_map: Any | None = None,
+        quantization_config: Any | None = None,
+        vision_model_kwargs: dict[str, Any] | None = None,
+        language_model_kwargs: dict[str, Any] | None = None,
+        **config_overrides: Any,
+    ) -> FlamingoForConditionalGeneration:
+        """Builds a new Flamingo around a pretrained vision encoder and causal language model.
+
+        The Perceiver Resampler and the cross-attention blocks are freshly initialised (gates closed, so the result
+        behaves exactly like the language model until trained).
+
+        Args:
+            vision_model (`str`, `os.PathLike` or `PreTrainedModel`):
+                A Hub id or local directory of a vision model (a composite image-text checkpoint such as a CLIP or
+                SigLIP repository contributes its vision tower), or an instantiated vision model (e.g.
+                `CLIPVisionModel`, or a `CLIPModel` whose vision tower is taken).
+            language_model (`str`, `os.PathLike` or `PreTrainedModel`):
+                A Hub id or local directory of a causal LM, or an instantiated `*ForCausalLM`.
+            tokenizer (`PreTrainedTokenizerBase`, *optional*):
+                The tokenizer the model will be used with, typically `FlamingoProcessor(...).tokenizer`. When given,
+                `media_token_id`/`eoc_token_id` are read from its `<image>`/`<|endofchunk|>` tokens and the language
+                model's embeddings are resized to `len(tokenizer)`.
+            dtype (`torch.dtype` or `str`, *optional*): Passed to both backbones' `from_pretrained`.
+            device_map (*optional*): Passed to the language model's `from_pretrained`.
+            quantization_config (*optional*): Passed to the language model's `from_pretrained`.
+            vision_model_kwargs (`dict`, *optional*): Extra `from_pretrained` arguments for the vision model.
+            language_model_kwargs (`dict`, *optional*): Extra `from_pretrained` arguments for the language model.
+            **config_overrides: [`FlamingoConfig`] arguments (e.g. `cross_attn_every_n_layers=2`,
+                `media_token_id=...`).
+
+        Returns:
+            [`FlamingoForConditionalGeneration`]
+        """
+        vision_model = _load_vision_model(vision_model, dtype, vision_model_kwargs or {})
+        if isinstance(language_model, (str, os.PathLike)):
+            lm_kwargs = dict(language_model_kwargs or {})
+            for name, value in (("dtype", dtype), ("device_map", device_map), ("quantization_config", quantization_config)):
+                if value is not None:
+                    lm_kwargs.setdefault(name, value)
+            language_model = AutoModelForCausalLM.from_pretrained(language_model, **lm_kwargs)
+        elif not isinstance(language_model, PreTrainedModel):
+            raise TypeError(
+                "`language_model` must be a Hub id, a local directory or a transformers `*ForCausalLM` model, got "
+                f"{type(language_model).__name__}."
+            )
+
+        if tokenizer is not None:
+            config_overrides.setdefault("media_token_id", _special_token_id(tokenizer, "<image>", "media_token_id"))
+            config_overrides.setdefault("eoc_token_id", _special_token_id(tokenizer, "<|endofchunk|>", "eoc_token_id"))
+        if "vision_feature_select_strategy" not in config_overrides:
+            config_overrides["vision_feature_select_strategy"] = (
+                "default" if _has_class_token(vision_model) else "full"
+            )
+        config = FlamingoConfig(vision_config=vision_model.config, text_config=language_model.config, **config_overrides)
+
+        model = cls(config, vision_model=vision_model, language_model=language_model)
+        bridge_device = next(language_model.parameters()).device
+        bridge_dtype = language_model.get_input_embeddings().weight.dtype
+        if not bridge_dtype.is_floating_point:
+            bridge_dtype = torch.float32
+        model.perceiver.to(device=bridge_device, dtype=bridge_dtype)
+        model.gated_cross_attn_layers.to(device=bridge_device, dtype=bridge_dtype)
+        if tokenizer is not None and len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        model.freeze_backbones()
+        return model
+
+    def freeze_backbones(self, train_new_token_embeddings: bool = False) -> None:
+        """Makes only the Perceiver Resampler and the gated cross-attention blocks trainable (OpenFlamingo's recipe).
+
+        Args:
+            train_new_token_embeddings (`bool`, *optional*, defaults to `False`):
+                Also train the input-embedding rows of `<image>` and `<|endofchunk|>`: the embedding matrix gets
+                `requires_grad=True` and a gradient hook zeroes every other row. Put the embeddings in a parameter
+                group without weight decay, or the optimizer's decay will still move the other rows.
+        """
+        self.requires_grad_(False)
+        self.perceiver.requires_grad_(True)
+        self.gated_cross_attn_layers.requires_grad_(True)
+        if self._embedding_grad_hook is not None:
+            self._embedding_grad_hook.remove()
+            self._embedding_grad_hook = None
+        if train_new_token_embeddings:
+            token_ids = [i for i in (self.config.media_token_id, self.config.eoc_token_id) if i is not None]
+            weight = self.get_input_embeddings().weight
+            row_mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+            row_mask[token_ids] = 1
+            weight.requires_grad_(True)
+            self._embedding_grad_hook = weight.register_hook(lambda grad: grad * row_mask.to(grad.device, grad.dtype))
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Embedding accessors (delegated, so that resizing and tying act on the language model)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args: Any, **kwargs: Any) -> nn.Embedding:
+        """Resizes the language model's input and output embeddings and updates `config.text_config.vocab_size`."""
+        embeddings = self.language_model.resize_token_embeddings(new_num_tokens, *args, **kwargs)
+        if self._embedding_grad_hook is not None:
+            logger.warning("Embeddings were resized: call `freeze_backbones(...)` again to re-install the row mask.")
+        return embeddings
+
+    def set_language_model(self, language_model: PreTrainedModel) -> None:
+        """Replaces the language model and moves the cross-attention hooks onto its decoder layers."""
+        self._lm_hooks.detach()
+        self.language_model = language_model
+        self.config.text_config = language_model.config
+        self._lm_hooks.attach(language_model, self.config.num_text_layers, self.config.decoder_layers_attr)
+
+    @property
+    def decoder_layers_path(self) -> str | None:
+        """Dotted path (relative to `language_model`) of the decoder layers the cross-attention hooks are on."""
+        return self._lm_hooks.layers_path
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Images
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """Encodes images (or video frames) and resamples them to latents.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, num_images, channels, height, width)` or
+                `(batch, num_images, num_frames, channels, height, width)`): The images.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch, num_images, num_latents, vision_hidden_size)`.
+        """
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        if pixel_values.ndim == 5:
+            pixel_values = pixel_values.unsqueeze(2)
+        elif pixel_values.ndim != 6:
+            raise ValueError(
+                "`pixel_values` must have shape (batch, num_images, channels, height, width) or (batch, num_images, "
+                f"num_frames, channels, height, width); got a {pixel_values.ndim}-D tensor of shape "
+                f"{tuple(pixel_values.shape)}."
+            )
+        batch, num_images, num_frames = pixel_values.shape[:3]
+        vision_param = next(self.vision_model.parameters())
+        flat = pixel_values.reshape(batch * num_images * num_frames, *pixel_values.shape[3:])
+        flat = flat.to(device=vision_param.device, dtype=vision_param.dtype)
+        vision_outputs = self.vision_model(pixel_values=flat, output_hidden_states=True)
+        features = vision_outputs.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        if self.config.vision_feature_apply_post_layernorm:
+            features = self._vision_post_layernorm()(features)
+        perceiver_param = self.perceiver.latents
+        features = features.to(device=perceiver_param.device, dtype=perceiver_param.dtype)
+        features = features.reshape(batch, num_images, num_frames, *features.shape[1:])
+        return self.perceiver(features)
+
+    def _vision_post_layernorm(self) -> nn.Module:
+        for name, module in self.vision_model.named_modules():
+            if name.split(".")[-1] == "post_layernorm":
+                return module
+        raise ValueError(
+            f"`vision_feature_apply_post_layernorm=True` but {type(self.vision_model).__name__} has no "
+            "`post_layernorm` module."
+        )
+
+    def _image_index_per_token(
+        self,
+        input_ids: torch.LongTensor,
+        num_images: int,
+        continuing_from_cache: bool,
+        last_image_index: torch.LongTensor | None,
+        has_images: bool,
+    ) -> torch.LongTensor:
+        """1-based index of the image each token attends to (0: none), following OpenFlamingo's rules."""
+        batch, seq_len = input_ids.shape
+        if continuing_from_cache:
+            if last_image_index is None:
+                if has_images:
+                    raise ValueError(
+                        "Continuing from `past_key_values` with images requires `last_image_index`: the number of "
+                        "`<image>` tokens in the cached prompt of each sample (a `(batch_size,)` LongTensor). "
+                        "`generate` passes it automatically."
+                    )
+                return torch.zeros_like(input_ids)
+            last_image_index = last_image_index.to(input_ids.device).view(batch, 1)
+            if has_images and int(last_image_index.max()) > num_images:
+                raise ValueError(
+                    f"`last_image_index` goes up to {int(last_image_index.max())} but only {num_images} image(s) per "
+                    "sample were given."
+                )
+            return last_image_index.expand(batch, seq_len)
+
+        text_time = (input_ids == self.config.media_token_id).cumsum(dim=-1)
+        if last_image_index is not None:
+            # An `<image>` token generated after the prompt does not start a new image.
+            return torch.minimum(text_time, last_image_index.to(input_ids.device).view(batch, 1))
+        counts = text_time[:, -1]
+        if has_images:
+            if int(counts.max()) > num_images:
+                sample = int(counts.argmax())
+                raise ValueError(
+                    f"Sample {sample} has {int(counts[sample])} `<image>` tokens but only {num_images} image(s) per "
+                    "sample were given; every `<image>` token needs an image."
+                )
+            if int(counts.max()) == 0:
+                raise ValueError(
+                    "Images were given but `input_ids` contains no `<image>` token (id "
+                    f"{self.config.media_token_id}); put one `<image>` token where each image appears in the text."
+                )
+        elif int(counts.max()) > 0:
+            raise ValueError(
+                f"`input_ids` contains `<image>` tokens (id {self.config.media_token_id}) but no `pixel_values` or "
+                "`image_hidden_states` were given."
+            )
+        return text_time
+
+    def _conditioning(
+        self, image_hidden_states: torch.Tensor | None, text_time: torch.LongTensor
+    ) -> dict[int, CrossAttentionConditioning]:
+        media = attention_bias = media_rows = None
+        if image_hidden_states is not None and bool((text_time > 0).any()):
+            batch, num_images, num_latents, dim = image_hidden_states.shape
+            media = image_hidden_states.reshape(batch, num_images * num_latents, dim)
+            attention_bias, media_rows = build_cross_attention_mask(
+                text_time, num_images, num_latents, self.config.only_attend_immediate_media, media.dtype
+            )
+        return {
+            int(index): CrossAttentionConditioning(block, media, attention_bias, media_rows)
+            for index, block in self.gated_cross_attn_layers.items()
+        }
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Forward and generation
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_hidden_states: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        last_image_index: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> FlamingoCausalLMOutputWithPast | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids; `<image>` tokens (`config.media_token_id`) mark where each image appears.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding (covering the cached tokens too when `past_key_values` is given).
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_images, channels, height, width)` or `(batch_size, num_images, num_frames, channels, height, width)`, *optional*):
+                The images, in order of their `<image>` tokens; samples with fewer images are zero-padded at the end.
+            image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, vision_hidden_size)`, *optional*):
+                Precomputed Perceiver Resampler outputs (e.g. `outputs.image_hidden_states`), instead of
+                `pixel_values`.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Targets for the language-modelling loss (shifted inside the language model); -100 is ignored.
+            past_key_values (`Cache`, *optional*):
+                The language model's cache. Tokens continuing from a non-empty cache attend to image
+                `last_image_index` (the last image of the cached prompt).
+            use_cache (`bool`, *optional*):
+                Whether to return the updated cache.
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Positions, passed to the language model (`generate` derives them from a left-padded mask).
+            last_image_index (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Number of `<image>` tokens in each sample's prompt. Tokens continuing from a cache attend to that
+                image, and `<image>` tokens after the prompt do not start a new image. `generate` sets it.
+            return_dict (`bool`, *optional*):
+                Return a [`FlamingoCausalLMOutputWithPast`] (default) or a tuple.
+            **kwargs:
+                Passed to the language model (e.g. `output_attentions`, `logits_to_keep`, `num_items_in_batch`).
+
+        Returns:
+            [`FlamingoCausalLMOutputWithPast`] or `tuple`.
+        """
+        if input_ids is None:
+            raise ValueError(
+                "FlamingoForConditionalGeneration needs `input_ids`: the `<image>` tokens in them decide which image "
+                "each token attends to."
+            )
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("Pass `input_ids` only, not `inputs_embeds`.")
+        kwargs.pop("inputs_embeds", None)
+        if pixel_values is not None and image_hidden_states is not None:
+            raise ValueError("Pass either `pixel_values` or `image_hidden_states`, not both.")
+        if pixel_values is not None:
+            image_hidden_states = self.get_image_features(pixel_values)
+        if image_hidden_states is not None and image_hidden_states.ndim != 4:
+            raise ValueError(
+                "`image_hidden_states` must have shape (batch_size, num_images, num_latents, vision_hidden_size), got "
+                f"{tuple(image_hidden_states.shape)}."
+            )
+        if image_hidden_states is not None and image_hidden_states.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"Got images for {image_hidden_states.shape[0]} samples but `input_ids` has {input_ids.shape[0]} rows."
+            )
+
+        past_length = 0 if past_key_values is None else int(past_key_values.get_seq_length())
+        text_time = self._image_index_per_token(
+            input_ids,
+            num_images=0 if image_hidden_states is None else image_hidden_states.shape[1],
+            continuing_from_cache=past_length > 0,
+            last_image_index=last_image_index,
+            has_images=image_hidden_states is not None,
+        )
+
+        self._lm_hooks.set_conditioning(self._conditioning(image_hidden_states, text_time))
+        try:
+            lm_outputs = self.language_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                labels=labels,
+                return_dict=True,
+                **kwargs,
+            )
+        finally:
+            # Under gradient checkpointing the layers (and their pre-hooks) may run again during backward, so the
+            # conditioning must outlive this call; it is overwritten by the next forward.
+            if not (self.training and torch.is_grad_enabled() and self._lm_hooks.layers_are_checkpointed()):
+                self._lm_hooks.clear_conditioning()
+
+        output = FlamingoCausalLMOutputWithPast(
+            loss=lm_outputs.get("loss"),
+            logits=lm_outputs.logits,
+            past_key_values=lm_outputs.get("past_key_values"),
+            hidden_states=lm_outputs.get("hidden_states"),
+            attentions=lm_outputs.get("attentions"),
+            image_hidden_states=image_hidden_states,
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_hidden_states: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """Generates text conditioned on images, through the standard [`~GenerationMixin.generate`].
+
+        The images are encoded once per call (before the batch is expanded for beams or `num_return_sequences`), and
+        every generated token attends to the last image of its prompt; an `<image>` token produced by generation
+        does not start a new image.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): The prompts (left-padded).
+            pixel_values (`torch.FloatTensor`, *optional*): The images, as in [`~FlamingoForConditionalGeneration.forward`].
+            image_hidden_states (`torch.FloatTensor`, *optional*): Precomputed image latents instead of `pixel_values`.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): Padding mask.
+            **kwargs: Generation arguments (`max_new_tokens`, `num_beams`, `do_sample`, `generation_config`, ...).
+
+        Returns:
+            `torch.LongTensor` or a [`~utils.ModelOutput`], as [`~GenerationMixin.generate`].
+        """
+        if input_ids is None:
+            raise ValueError("`generate` needs `input_ids` (the prompt, with its `<image>` tokens).")
+        if pixel_values is not None and image_hidden_states is not None:
+            raise ValueError("Pass either `pixel_values` or `image_hidden_states`, not both.")
+        if pixel_values is not None:
+            image_hidden_states = self.get_image_features(pixel_values)
+        if kwargs.get("last_image_index") is None:
+            prompt_image_index = self._image_index_per_token(
+                input_ids,
+                num_images=0 if image_hidden_states is None else image_hidden_states.shape[1],
+                continuing_from_cache=False,
+                last_image_index=None,
+                has_images=image_hidden_states is not None,
+            )
+            kwargs["last_image_index"] = prompt_image_index[:, -1]
+        return super().generate(
+            input_ids, attention_mask=attention_mask, image_hidden_states=image_hidden_states, **kwargs
+        )
+
+
+def _special_token_id(tokenizer: Any, token: str, name: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(
+            f"The tokenizer has no {token!r} token, so `{name}` cannot be set. Build a `FlamingoProcessor` from it "
+            f"(which adds `<image>` and `<|endofchunk|>`) or add the token with `tokenizer.add_special_tokens`."
+        )
+    return token_id
+
+
+def _has_class_token(vision_model: PreTrainedModel) -> bool:
+    """Whether the vision encoder prepends a class token (CLIP-like) to its patch tokens."""
+    return any(
+        name.split(".")[-1] in ("class_embedding", "cls_token") for name, _ in vision_model.named_parameters()
+    )
+
+
+def _load_vision_model(
+    vision_model: str | os.PathLike | PreTrainedModel, dtype: torch.dtype | str | None, kwargs: dict[str, Any]
+) -> PreTrainedModel:
+    if isinstance(vision_model, (str, os.PathLike)):
+        hub_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
+        config = AutoConfig.from_pretrained(vision_model, **hub_kwargs)
+        vision_config = getattr(config, "vision_config", None) or config
+        model_class = AutoModel._model_mapping[type(vision_config)]
+        load_kwargs = dict(kwargs)
+        if dtype is not None:
+            load_kwargs.setdefault("dtype", dtype)
+        return model_class.from_pretrained(vision_model, config=vision_config, **load_kwargs)
+    if not isinstance(vision_model, PreTrainedModel):
+        raise TypeError(
+            "`vision_model` must be a Hub id, a local directory or a transformers vision model, got "
+            f"{type(vision_model).__name__}."
+        )
+    vision_config = getattr(vision_model.config, "vision_config", None)
+    if vision_config is None:
+        return vision_model
+    # A composite image-text model (CLIPModel, SiglipModel, ...): keep only its vision tower.
+    tower = AutoModel.from_config(vision_config)
+    tower.vision_model.load_state_dict(vision_model.vision_model.state_dict())
+    return tower.to(device=next(vision_model.parameters()).device, dtype=next(vision_model.parameters()).dtype)
+
+
+__all__ = [
+    "FlamingoCausalLMOutputWithPast",
+    "FlamingoForConditionalGeneration",
+    "FlamingoPreTrainedModel",
+    "build_cross_attention_mask",
+]
