@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
 _PADDING_DEFAULTS = {"padding": "longest"}
@@ -97,8 +98,8 @@ class FlamingoProcessor(ProcessorMixin):
 
     def __init__(
         self,
-        image_processor=None,
-        tokenizer=None,
+        image_processor: Any = None,
+        tokenizer: Any = None,
         chat_template: str | None = None,
         media_token: str = "<image>",
         end_of_chunk_token: str = "<|endofchunk|>",
@@ -118,7 +119,7 @@ class FlamingoProcessor(ProcessorMixin):
         tokenizer.padding_side = "left"
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
-    def _add_flamingo_special_tokens(self, tokenizer, pad_token: str) -> None:
+    def _add_flamingo_special_tokens(self, tokenizer: Any, pad_token: str) -> None:
         """Registers the chunk and media tokens (and a pad token if missing), keeping existing ids and special tokens."""
         missing = [
             token for token in (self.end_of_chunk_token, self.media_token) if token not in tokenizer.all_special_tokens
@@ -163,10 +164,10 @@ class FlamingoProcessor(ProcessorMixin):
 
     def __call__(
         self,
-        images=None,
+        images: ImageInput | list[list[ImageInput]] | None = None,
         text: str | list[str] | None = None,
-        videos=None,
-        audio=None,
+        videos: Any = None,
+        audio: Any = None,
         **kwargs,
     ) -> BatchFeature:
         r"""
