@@ -182,7 +182,17 @@ class FlamingoConfig(PretrainedConfig):
         self.vision_feature_apply_post_layernorm = vision_feature_apply_post_layernorm
         self.decoder_layers_attr = decoder_layers_attr
         self.initializer_range = initializer_range
+        # The base config propagates its (default `None`) attention implementation to the sub-configs; keep the ones
+        # the sub-configs already had (they may belong to models that are already built) unless one was asked for.
+        sub_attn_implementations = {
+            name: getattr(sub_config, "_attn_implementation_internal", None)
+            for name, sub_config in (("vision_config", vision_config), ("text_config", text_config))
+        }
         super().__init__(**kwargs)
+        if kwargs.get("attn_implementation") is None:
+            for name, implementation in sub_attn_implementations.items():
+                if implementation is not None:
+                    getattr(self, name)._attn_implementation_internal = implementation
 
     @property
     def vision_hidden_size(self) -> int:

@@ -429,7 +429,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         if tokenizer is not None and len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
         model.freeze_backbones()
-        return model
+        return model.eval()
 
     def freeze_backbones(self, train_new_token_embeddings: bool = False) -> None:
         """Makes only the Perceiver Resampler and the gated cross-attention blocks trainable (OpenFlamingo's recipe).
