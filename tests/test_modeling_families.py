@@ -94,10 +94,11 @@ def slow_gated_block(block, x: torch.Tensor, latents: torch.Tensor, input_ids: t
 def reference_logits(model: FlamingoForConditionalGeneration, input_ids, attention_mask, pixel_values):
     """Logits of a bare copy of the language model with slow cross-attention spliced in front of every n-th layer."""
     config = model.config
-    vision_outputs = model.vision_model(
-        pixel_values=pixel_values.flatten(0, 1), output_hidden_states=True
-    ).last_hidden_state
-    features = vision_outputs[:, 1:].reshape(*pixel_values.shape[:2], -1, vision_outputs.shape[-1])
+    # The encoder output before any final LayerNorm (CLIP's `last_hidden_state`; SigLIP applies `post_layernorm`).
+    vision_outputs = model.vision_model(pixel_values=pixel_values.flatten(0, 1), output_hidden_states=True).hidden_states[-1]
+    if config.vision_feature_select_strategy == "default":
+        vision_outputs = vision_outputs[:, 1:]  # drop CLIP's class token
+    features = vision_outputs.reshape(*pixel_values.shape[:2], -1, vision_outputs.shape[-1])
     latents = slow_perceiver(model.perceiver, features)
 
     bare = bare_language_model(model)
@@ -335,3 +336,18 @@ def test_text_only_forward_runs_feed_forward_branch(family):
         block.ff_gate.data.zero_()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, bare_logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_vision_towers_match_slow_reference(vision):
+    model = build_model("qwen2", vision=vision)
+    open_gates(model)
+    batch = interleaved_batch()
+    with torch.no_grad():
+        outputs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
+    expected_logits, expected_latents = reference_logits(model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+    # CLIP: 25 patches + CLS -> 25 tokens per image; SigLIP (no CLS, "full" strategy): 25 tokens.
+    vision_tokens = model.vision_model(pixel_values=batch.pixel_values[:, 0]).last_hidden_state.shape[1]
+    assert vision_tokens == (26 if vision == "clip" else 25)
+    torch.testing.assert_close(outputs.image_hidden_states, expected_latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs.logits, expected_logits, atol=1e-5, rtol=1e-5)
