@@ -69,7 +69,12 @@ def main() -> None:
     language_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF_FILE, dtype=torch.float32)
     vision_model = CLIPVisionModel(
         CLIPVisionConfig(
-            hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=16
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=16,
         )
     )
     image_processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
@@ -116,7 +121,9 @@ def main() -> None:
         processor.save_pretrained(directory)
         reloaded = AutoModelForImageTextToText.from_pretrained(directory)
         reloaded_processor = AutoProcessor.from_pretrained(directory)
-        again = reloaded.generate(**reloaded_processor(images=[[red, green, blue]], text=[prompt], return_tensors="pt"), **generation)
+        again = reloaded.generate(
+            **reloaded_processor(images=[[red, green, blue]], text=[prompt], return_tensors="pt"), **generation
+        )
         print(f"save_pretrained -> Auto classes reload generates identically: {torch.equal(again, opened)}")
     print(f"Done in {time.perf_counter() - start:.1f}s.")
 

@@ -85,7 +85,10 @@ def slow_gated_block(block, x: torch.Tensor, latents: torch.Tensor, input_ids: t
             allowed = [image] if immediate else list(range(1, image + 1))
             keys_values = torch.cat([latents[b, j - 1] for j in allowed]) @ attn.to_kv.weight.T
             k, v = keys_values.chunk(2, dim=-1)
-            q = torch.nn.functional.layer_norm(x[b, t], x.shape[-1:], attn.norm.weight, attn.norm.bias) @ attn.to_q.weight.T
+            q = (
+                torch.nn.functional.layer_norm(x[b, t], x.shape[-1:], attn.norm.weight, attn.norm.bias)
+                @ attn.to_q.weight.T
+            )
             attended = slow_attention(q, k, v, attn.heads) @ attn.to_out.weight.T
             out[b, t] = x[b, t] + torch.tanh(block.attn_gate) * attended
     return out + torch.tanh(block.ff_gate) * slow_feed_forward(block.ff, out)
@@ -95,7 +98,9 @@ def reference_logits(model: FlamingoForConditionalGeneration, input_ids, attenti
     """Logits of a bare copy of the language model with slow cross-attention spliced in front of every n-th layer."""
     config = model.config
     # The encoder output before any final LayerNorm (CLIP's `last_hidden_state`; SigLIP applies `post_layernorm`).
-    vision_outputs = model.vision_model(pixel_values=pixel_values.flatten(0, 1), output_hidden_states=True).hidden_states[-1]
+    vision_outputs = model.vision_model(
+        pixel_values=pixel_values.flatten(0, 1), output_hidden_states=True
+    ).hidden_states[-1]
     if config.vision_feature_select_strategy == "default":
         vision_outputs = vision_outputs[:, 1:]  # drop CLIP's class token
     features = vision_outputs.reshape(*pixel_values.shape[:2], -1, vision_outputs.shape[-1])
@@ -114,7 +119,9 @@ def reference_logits(model: FlamingoForConditionalGeneration, input_ids, attenti
             if args:
                 new = slow_gated_block(block, args[0], latents, input_ids, config.only_attend_immediate_media)
                 return (new, *args[1:]), kwargs
-            new = slow_gated_block(block, kwargs["hidden_states"], latents, input_ids, config.only_attend_immediate_media)
+            new = slow_gated_block(
+                block, kwargs["hidden_states"], latents, input_ids, config.only_attend_immediate_media
+            )
             return args, {**kwargs, "hidden_states": new}
 
         handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
@@ -205,8 +212,12 @@ def test_matches_slow_reference(family, only_immediate):
     open_gates(model)
     batch = interleaved_batch()
     with torch.no_grad():
-        outputs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
-    expected_logits, expected_latents = reference_logits(model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+        outputs = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+        )
+    expected_logits, expected_latents = reference_logits(
+        model, batch.input_ids, batch.attention_mask, batch.pixel_values
+    )
     torch.testing.assert_close(outputs.image_hidden_states, expected_latents, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outputs.logits, expected_logits, atol=1e-5, rtol=1e-5)
 
@@ -277,7 +288,9 @@ def test_left_padded_batch_matches_single_samples(family):
         with torch.no_grad():
             single_logits = model(input_ids=ids, pixel_values=pixels).logits
         torch.testing.assert_close(batched_logits[row, -1], single_logits[0, -1], atol=1e-5, rtol=1e-5)
-        single = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=5, do_sample=False, pad_token_id=PAD_TOKEN_ID)
+        single = model.generate(
+            input_ids=ids, pixel_values=pixels, max_new_tokens=5, do_sample=False, pad_token_id=PAD_TOKEN_ID
+        )
         assert torch.equal(batched[row, -5:], single[0, -5:])
 
 
@@ -344,8 +357,12 @@ def test_vision_towers_match_slow_reference(vision):
     open_gates(model)
     batch = interleaved_batch()
     with torch.no_grad():
-        outputs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
-    expected_logits, expected_latents = reference_logits(model, batch.input_ids, batch.attention_mask, batch.pixel_values)
+        outputs = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+        )
+    expected_logits, expected_latents = reference_logits(
+        model, batch.input_ids, batch.attention_mask, batch.pixel_values
+    )
     # CLIP: 25 patches + CLS -> 25 tokens per image; SigLIP (no CLS, "full" strategy): 25 tokens.
     vision_tokens = model.vision_model(pixel_values=batch.pixel_values[:, 0]).last_hidden_state.shape[1]
     assert vision_tokens == (26 if vision == "clip" else 25)

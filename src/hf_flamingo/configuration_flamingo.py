@@ -21,7 +21,9 @@ def _as_config(value: PretrainedConfig | dict[str, Any] | None, name: str) -> Pr
             )
         config_dict = dict(value)
         return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    raise TypeError(f"`{name}` must be a `PretrainedConfig` or a dict with a `model_type`, got {type(value).__name__}.")
+    raise TypeError(
+        f"`{name}` must be a `PretrainedConfig` or a dict with a `model_type`, got {type(value).__name__}."
+    )
 
 
 class FlamingoConfig(PretrainedConfig):

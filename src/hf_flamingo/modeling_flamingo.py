@@ -150,7 +150,9 @@ class FlamingoPerceiverResampler(nn.Module):
         batch, num_images, num_frames, num_tokens, dim = features.shape
         if self.frame_embs is not None:
             if num_frames > self.frame_embs.shape[0]:
-                raise ValueError(f"Got {num_frames} frames per image but `max_num_frames` is {self.frame_embs.shape[0]}.")
+                raise ValueError(
+                    f"Got {num_frames} frames per image but `max_num_frames` is {self.frame_embs.shape[0]}."
+                )
             features = features + self.frame_embs[:num_frames].view(1, 1, num_frames, 1, dim)
         features = features.reshape(batch, num_images, num_frames * num_tokens, dim)
         if self.media_time_embs is not None:
@@ -400,7 +402,11 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         vision_model = _load_vision_model(vision_model, dtype, vision_model_kwargs or {})
         if isinstance(language_model, (str, os.PathLike)):
             lm_kwargs = dict(language_model_kwargs or {})
-            for name, value in (("dtype", dtype), ("device_map", device_map), ("quantization_config", quantization_config)):
+            for name, value in (
+                ("dtype", dtype),
+                ("device_map", device_map),
+                ("quantization_config", quantization_config),
+            ):
                 if value is not None:
                     lm_kwargs.setdefault(name, value)
             language_model = AutoModelForCausalLM.from_pretrained(language_model, **lm_kwargs)
@@ -417,7 +423,9 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             config_overrides["vision_feature_select_strategy"] = (
                 "default" if _has_class_token(vision_model) else "full"
             )
-        config = FlamingoConfig(vision_config=vision_model.config, text_config=language_model.config, **config_overrides)
+        config = FlamingoConfig(
+            vision_config=vision_model.config, text_config=language_model.config, **config_overrides
+        )
 
         model = cls(config, vision_model=vision_model, language_model=language_model)
         bridge_device = next(language_model.parameters()).device
@@ -769,9 +777,7 @@ def _special_token_id(tokenizer: Any, token: str, name: str) -> int:
 
 def _has_class_token(vision_model: PreTrainedModel) -> bool:
     """Whether the vision encoder prepends a class token (CLIP-like) to its patch tokens."""
-    return any(
-        name.split(".")[-1] in ("class_embedding", "cls_token") for name, _ in vision_model.named_parameters()
-    )
+    return any(name.split(".")[-1] in ("class_embedding", "cls_token") for name, _ in vision_model.named_parameters())
 
 
 def _load_vision_model(
