@@ -827,6 +827,30 @@ def test_language_model_alone_is_bare_after_flamingo_forward():
     torch.testing.assert_close(lm_logits(model.language_model, batch), expected, **EXACT)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_language_model_alone_is_bare_after_checkpointed_training_forward():
+    """Training with gradient checkpointing must not leave the cross-attention conditioning on the decoder layers
+    once forward and backward are done (transformers >= 5 checkpoints `forward`, so the pre-hooks do not re-run
+    during backward)."""
+    model = build_model("llama")
+    open_gates(model)
+    model.train()
+    model.freeze_backbones()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bare = bare_language_model(model).train()
+    batch = interleaved_batch()
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    loss = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values, labels=labels
+    ).loss
+    loss.backward()
+
+    torch.testing.assert_close(lm_logits(model.language_model, batch), lm_logits(bare, batch), **EXACT)
+    short = batch.input_ids[:1, :5]
+    with torch.no_grad():
+        torch.testing.assert_close(model.language_model(short).logits, bare(short).logits, **EXACT)
+
+
 def test_deepcopy_is_independent():
     model = build_model("llama")
     open_gates(model)

@@ -181,9 +181,16 @@ class LanguageModelHooks:
     def hooked_layers(self) -> Mapping[int, nn.Module]:
         return dict(self._hooked_layers)
 
-    def layers_are_checkpointed(self) -> bool:
-        """Whether gradient checkpointing is enabled on the hooked decoder layers."""
-        return any(getattr(layer, "gradient_checkpointing", False) for layer in self._hooked_layers.values())
+    def layers_rerun_pre_hooks_in_backward(self) -> bool:
+        """Whether checkpointed layers re-run their pre-hooks when recomputed during backward.
+
+        That happens when gradient checkpointing wraps the layers' `__call__` (transformers <= 5.18); from 5.23 it
+        wraps `forward`, and the hooks stay outside the checkpoint.
+        """
+        return any(
+            getattr(layer, "gradient_checkpointing", False) and type(layer).__call__ is not nn.Module.__call__
+            for layer in self._hooked_layers.values()
+        )
 
     def set_conditioning(self, conditionings: Mapping[int, CrossAttentionConditioning]) -> None:
         """Stores each layer's conditioning for the coming forward pass (overwriting the previous one)."""

@@ -3,6 +3,7 @@ unmodified causal language model through forward pre-hooks (OpenFlamingo v2 sema
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -626,6 +627,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         use_cache: bool | None = None,
         position_ids: torch.LongTensor | None = None,
         last_image_index: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> FlamingoCausalLMOutputWithPast | tuple:
@@ -652,6 +654,9 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             last_image_index (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Number of `<image>` tokens in each sample's prompt. Tokens continuing from a cache attend to that
                 image, and `<image>` tokens after the prompt do not start a new image. `generate` sets it.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+                Compute logits only for the last `logits_to_keep` positions (0: all), as transformers' causal LMs
+                do; `generate` uses it to skip the prompt's logits.
             return_dict (`bool`, *optional*):
                 Return a [`FlamingoCausalLMOutputWithPast`] (default) or a tuple.
             **kwargs:
@@ -691,6 +696,8 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             has_images=image_hidden_states is not None,
         )
 
+        if self._language_model_accepts("logits_to_keep"):
+            kwargs["logits_to_keep"] = logits_to_keep
         self._lm_hooks.set_conditioning(self._conditioning(image_hidden_states, text_time))
         try:
             lm_outputs = self.language_model(
@@ -704,14 +711,17 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 **kwargs,
             )
         finally:
-            # Under gradient checkpointing the layers (and their pre-hooks) may run again during backward, so the
-            # conditioning must outlive this call; it is overwritten by the next forward.
-            if not (self.training and torch.is_grad_enabled() and self._lm_hooks.layers_are_checkpointed()):
+            # If checkpointed layers re-run their pre-hooks during backward, the conditioning must outlive this call
+            # (it is overwritten by the next forward); otherwise forget it so the bare LM stays bare.
+            if not (self.training and torch.is_grad_enabled() and self._lm_hooks.layers_rerun_pre_hooks_in_backward()):
                 self._lm_hooks.clear_conditioning()
 
+        logits = lm_outputs.logits
+        if not self._language_model_accepts("logits_to_keep") and isinstance(logits_to_keep, int) and logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
         output = FlamingoCausalLMOutputWithPast(
             loss=lm_outputs.get("loss"),
-            logits=lm_outputs.logits,
+            logits=logits,
             past_key_values=lm_outputs.get("past_key_values"),
             hidden_states=lm_outputs.get("hidden_states"),
             attentions=lm_outputs.get("attentions"),
@@ -719,6 +729,9 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
+
+    def _language_model_accepts(self, argument: str) -> bool:
+        return argument in inspect.signature(self.language_model.forward).parameters
 
     @torch.no_grad()
     def generate(
@@ -801,9 +814,18 @@ def _load_vision_model(
     if vision_config is None:
         return vision_model
     # A composite image-text model (CLIPModel, SiglipModel, ...): keep only its vision tower.
+    source = getattr(vision_model, "vision_model", None)
+    if isinstance(source, PreTrainedModel):
+        return source
+    if not isinstance(source, nn.Module):
+        raise TypeError(
+            f"{type(vision_model).__name__} has a `vision_config` but no `vision_model` tower to take; pass the "
+            "vision model itself."
+        )
     tower = AutoModel.from_config(vision_config)
-    tower.vision_model.load_state_dict(vision_model.vision_model.state_dict())
-    return tower.to(device=next(vision_model.parameters()).device, dtype=next(vision_model.parameters()).dtype)
+    tower.vision_model.load_state_dict(source.state_dict())
+    reference = next(source.parameters())
+    return tower.to(device=reference.device, dtype=reference.dtype)
 
 
 __all__ = [
