@@ -7,19 +7,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 from pathlib import Path
 
-if str(Path(__file__).parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).parent))
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import build_tiny_tokenizer  # noqa: E402
-from model_testers import (  # noqa: E402
+import pytest
+import torch
+from helpers import build_tiny_tokenizer
+from model_testers import (
     BOS_TOKEN_ID,
     EOC_TOKEN_ID,
     IMAGE_SIZE,
@@ -34,10 +27,10 @@ from model_testers import (  # noqa: E402
     text_config_for,
     vision_config_for,
 )
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import (  # noqa: E402
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
     CLIPConfig,
@@ -49,10 +42,10 @@ from transformers import (  # noqa: E402
     PreTrainedModel,
     SiglipVisionModel,
 )
-from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-import hf_flamingo  # noqa: E402, F401  (registers the Auto classes)
-from hf_flamingo import FlamingoConfig, FlamingoForConditionalGeneration  # noqa: E402
+import hf_flamingo  # noqa: F401  (registers the Auto classes)
+from hf_flamingo import FlamingoConfig, FlamingoForConditionalGeneration
 
 NUM_LATENTS = 8  # `perceiver_num_latents` of the tiny configs
 VISION_DIM = 32  # hidden size of the tiny vision encoders
