@@ -206,9 +206,8 @@ def test_images_change_only_positions_from_first_image(family):
         assert (a.logits[row, first:] - b.logits[row, first:]).abs().amax(-1).min() > 1e-4
 
 
-@pytest.mark.parametrize("only_immediate", [True, False])
-def test_matches_slow_reference(family, only_immediate):
-    model = build_model(family, only_attend_immediate_media=only_immediate)
+def assert_matches_slow_reference(model: FlamingoForConditionalGeneration) -> None:
+    """With opened gates, the model's latents and logits equal the slow reference's on `interleaved_batch()`."""
     open_gates(model)
     batch = interleaved_batch()
     with torch.no_grad():
@@ -220,6 +219,11 @@ def test_matches_slow_reference(family, only_immediate):
     )
     torch.testing.assert_close(outputs.image_hidden_states, expected_latents, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outputs.logits, expected_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("only_immediate", [True, False])
+def test_matches_slow_reference(family, only_immediate):
+    assert_matches_slow_reference(build_model(family, only_attend_immediate_media=only_immediate))
 
 
 def test_generate_with_and_without_cache_identical(family):
@@ -354,17 +358,8 @@ def test_text_only_forward_runs_feed_forward_branch(family):
 @pytest.mark.parametrize("vision", ["clip", "siglip"])
 def test_vision_towers_match_slow_reference(vision):
     model = build_model("qwen2", vision=vision)
-    open_gates(model)
-    batch = interleaved_batch()
-    with torch.no_grad():
-        outputs = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
-        )
-    expected_logits, expected_latents = reference_logits(
-        model, batch.input_ids, batch.attention_mask, batch.pixel_values
-    )
-    # CLIP: 25 patches + CLS -> 25 tokens per image; SigLIP (no CLS, "full" strategy): 25 tokens.
-    vision_tokens = model.vision_model(pixel_values=batch.pixel_values[:, 0]).last_hidden_state.shape[1]
+    # CLIP: 25 patches + CLS -> 26 tokens per image; SigLIP (no CLS, "full" strategy): 25 tokens.
+    pixels = interleaved_batch().pixel_values[:, 0]
+    vision_tokens = model.vision_model(pixel_values=pixels).last_hidden_state.shape[1]
     assert vision_tokens == (26 if vision == "clip" else 25)
-    torch.testing.assert_close(outputs.image_hidden_states, expected_latents, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outputs.logits, expected_logits, atol=1e-5, rtol=1e-5)
+    assert_matches_slow_reference(model)

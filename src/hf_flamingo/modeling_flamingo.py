@@ -353,6 +353,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         )
         self._lm_hooks = LanguageModelHooks(config.cross_attention_layer_indices())
         self._lm_hooks.attach(self.language_model, config.num_text_layers, config.decoder_layers_attr)
+        self._language_model_takes_logits_to_keep = _accepts_argument(self.language_model, "logits_to_keep")
         self._embedding_grad_hook = None
         self.post_init()
 
@@ -494,6 +495,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         self.language_model = language_model
         self.config.text_config = language_model.config
         self._lm_hooks.attach(language_model, self.config.num_text_layers, self.config.decoder_layers_attr)
+        self._language_model_takes_logits_to_keep = _accepts_argument(language_model, "logits_to_keep")
 
     @property
     def decoder_layers_path(self) -> str | None:
@@ -546,6 +548,30 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             f"`vision_feature_apply_post_layernorm=True` but {type(self.vision_model).__name__} has no "
             "`post_layernorm` module."
         )
+
+    def _resolve_image_hidden_states(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None,
+        image_hidden_states: torch.FloatTensor | None,
+    ) -> torch.FloatTensor | None:
+        """Encodes `pixel_values`, or checks the given `image_hidden_states`; `None` when there are no images."""
+        if pixel_values is not None and image_hidden_states is not None:
+            raise ValueError("Pass either `pixel_values` or `image_hidden_states`, not both.")
+        if pixel_values is not None:
+            image_hidden_states = self.get_image_features(pixel_values)
+        if image_hidden_states is None:
+            return None
+        if image_hidden_states.ndim != 4:
+            raise ValueError(
+                "`image_hidden_states` must have shape (batch_size, num_images, num_latents, vision_hidden_size), got "
+                f"{tuple(image_hidden_states.shape)}."
+            )
+        if image_hidden_states.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"Got images for {image_hidden_states.shape[0]} samples but `input_ids` has {input_ids.shape[0]} rows."
+            )
+        return image_hidden_states
 
     def _image_index_per_token(
         self,
@@ -673,19 +699,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("Pass `input_ids` only, not `inputs_embeds`.")
         kwargs.pop("inputs_embeds", None)
-        if pixel_values is not None and image_hidden_states is not None:
-            raise ValueError("Pass either `pixel_values` or `image_hidden_states`, not both.")
-        if pixel_values is not None:
-            image_hidden_states = self.get_image_features(pixel_values)
-        if image_hidden_states is not None and image_hidden_states.ndim != 4:
-            raise ValueError(
-                "`image_hidden_states` must have shape (batch_size, num_images, num_latents, vision_hidden_size), got "
-                f"{tuple(image_hidden_states.shape)}."
-            )
-        if image_hidden_states is not None and image_hidden_states.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"Got images for {image_hidden_states.shape[0]} samples but `input_ids` has {input_ids.shape[0]} rows."
-            )
+        image_hidden_states = self._resolve_image_hidden_states(input_ids, pixel_values, image_hidden_states)
 
         past_length = 0 if past_key_values is None else int(past_key_values.get_seq_length())
         text_time = self._image_index_per_token(
@@ -696,7 +710,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             has_images=image_hidden_states is not None,
         )
 
-        if self._language_model_accepts("logits_to_keep"):
+        if self._language_model_takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         self._lm_hooks.set_conditioning(self._conditioning(image_hidden_states, text_time))
         try:
@@ -717,7 +731,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 self._lm_hooks.clear_conditioning()
 
         logits = lm_outputs.logits
-        if not self._language_model_accepts("logits_to_keep") and isinstance(logits_to_keep, int) and logits_to_keep:
+        if not self._language_model_takes_logits_to_keep and isinstance(logits_to_keep, int) and logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         output = FlamingoCausalLMOutputWithPast(
             loss=lm_outputs.get("loss"),
@@ -729,9 +743,6 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
-
-    def _language_model_accepts(self, argument: str) -> bool:
-        return argument in inspect.signature(self.language_model.forward).parameters
 
     @torch.no_grad()
     def generate(
@@ -760,10 +771,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         """
         if input_ids is None:
             raise ValueError("`generate` needs `input_ids` (the prompt, with its `<image>` tokens).")
-        if pixel_values is not None and image_hidden_states is not None:
-            raise ValueError("Pass either `pixel_values` or `image_hidden_states`, not both.")
-        if pixel_values is not None:
-            image_hidden_states = self.get_image_features(pixel_values)
+        image_hidden_states = self._resolve_image_hidden_states(input_ids, pixel_values, image_hidden_states)
         if kwargs.get("last_image_index") is None:
             prompt_image_index = self._image_index_per_token(
                 input_ids,
@@ -776,6 +784,10 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         return super().generate(
             input_ids, attention_mask=attention_mask, image_hidden_states=image_hidden_states, **kwargs
         )
+
+
+def _accepts_argument(module: nn.Module, argument: str) -> bool:
+    return argument in inspect.signature(module.forward).parameters
 
 
 def _special_token_id(tokenizer: Any, token: str, name: str) -> int:
