@@ -1,17 +1,19 @@
 """hf_flamingo: Flamingo as a Hugging Face transformers-native model.
 
 Importing the package registers the classes with transformers' Auto classes, so that `AutoConfig`,
-`AutoModelForImageTextToText` and `AutoProcessor` load saved Flamingo directories.
+`AutoModelForImageTextToText`, `AutoProcessor` (and `AutoModelForCausalLM` for MosaicGPT) load saved directories.
 """
 
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_flamingo import FlamingoConfig
+from .configuration_mosaic_gpt import MosaicGPTConfig
 from .modeling_flamingo import (
     FlamingoCausalLMOutputWithPast,
     FlamingoForConditionalGeneration,
     FlamingoPreTrainedModel,
 )
+from .modeling_mosaic_gpt import MosaicGPTForCausalLM, MosaicGPTModel
 from .processing_flamingo import FlamingoProcessor
 
 __version__ = "0.1.0.dev0"
@@ -19,6 +21,16 @@ __version__ = "0.1.0.dev0"
 AutoConfig.register(FlamingoConfig.model_type, FlamingoConfig, exist_ok=True)
 AutoModelForImageTextToText.register(FlamingoConfig, FlamingoForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(FlamingoConfig, FlamingoProcessor, exist_ok=True)
+AutoConfig.register(MosaicGPTConfig.model_type, MosaicGPTConfig, exist_ok=True)
+AutoModelForCausalLM.register(MosaicGPTConfig, MosaicGPTForCausalLM, exist_ok=True)
+
+# `save_pretrained` also writes the defining code and an `auto_map`, so that saved directories load with
+# `trust_remote_code=True` where this package is not installed.
+FlamingoConfig.register_for_auto_class()
+FlamingoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+FlamingoProcessor.register_for_auto_class("AutoProcessor")
+MosaicGPTConfig.register_for_auto_class()
+MosaicGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "FlamingoCausalLMOutputWithPast",
@@ -26,4 +38,7 @@ __all__ = [
     "FlamingoForConditionalGeneration",
     "FlamingoPreTrainedModel",
     "FlamingoProcessor",
+    "MosaicGPTConfig",
+    "MosaicGPTForCausalLM",
+    "MosaicGPTModel",
 ]

@@ -6,7 +6,12 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .configuration_mosaic_gpt import MosaicGPTConfig
+
 _VISION_FEATURE_STRATEGIES = ("default", "full")
+# Language-model configs that ship with this package (and with remote-code exports of it): resolved here so that a
+# saved Flamingo loads even where `AutoConfig` has not been told about them (`trust_remote_code` without the package).
+_BUNDLED_CONFIGS: dict[str, type[PretrainedConfig]] = {MosaicGPTConfig.model_type: MosaicGPTConfig}
 
 
 def _as_config(value: PretrainedConfig | dict[str, Any] | None, name: str) -> PretrainedConfig | None:
@@ -20,7 +25,10 @@ def _as_config(value: PretrainedConfig | dict[str, Any] | None, name: str) -> Pr
                 f"'llama') or pass a config object."
             )
         config_dict = dict(value)
-        return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        model_type = config_dict.pop("model_type")
+        if model_type in _BUNDLED_CONFIGS:
+            return _BUNDLED_CONFIGS[model_type](**config_dict)
+        return AutoConfig.for_model(model_type, **config_dict)
     raise TypeError(
         f"`{name}` must be a `PretrainedConfig` or a dict with a `model_type`, got {type(value).__name__}."
     )

@@ -12,7 +12,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -20,6 +27,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_flamingo import FlamingoConfig
 from .language_model_hooks import CrossAttentionConditioning, LanguageModelHooks
+from .modeling_mosaic_gpt import MosaicGPTForCausalLM
 
 logger = logging.get_logger(__name__)
 
@@ -349,7 +357,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             {str(index): FlamingoGatedCrossAttentionBlock(config) for index in config.cross_attention_layer_indices()}
         )
         self.language_model = (
-            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+            language_model if language_model is not None else _causal_lm_from_config(config.text_config)
         )
         self._lm_hooks = LanguageModelHooks(config.cross_attention_layer_indices())
         self._lm_hooks.attach(self.language_model, config.num_text_layers, config.decoder_layers_attr)
@@ -784,6 +792,13 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         return super().generate(
             input_ids, attention_mask=attention_mask, image_hidden_states=image_hidden_states, **kwargs
         )
+
+
+def _causal_lm_from_config(text_config: PretrainedConfig) -> PreTrainedModel:
+    # Language models bundled with this package are built directly, so that remote-code exports work without it.
+    if text_config.model_type == MosaicGPTForCausalLM.config_class.model_type:
+        return MosaicGPTForCausalLM._from_config(text_config)
+    return AutoModelForCausalLM.from_config(text_config)
 
 
 def _accepts_argument(module: nn.Module, argument: str) -> bool:

@@ -1,0 +1,194 @@
+"""Convert an open_clip ViT checkpoint into a Transformers `CLIPVisionModel` directory (see `--help`).
+
+The output directory holds the model (`config.json`, `model.safetensors`) and an image processor reproducing
+open_clip's evaluation transform (`preprocessor_config.json`); load them with `CLIPVisionModel.from_pretrained(dir)`
+(or `CLIPVisionModelWithProjection` after `--with-projection`) and `CLIPImageProcessorPil.from_pretrained(dir)`.
+
+Examples:
+
+    # A tower trained with open_clip, its model config as a JSON file:
+    python conversion/convert_open_clip_to_hf.py --checkpoint epoch_32.pt --model-config my-vit.json \
+        --output-dir my-vit-hf
+
+    # OpenFlamingo's tower (OpenAI ViT-L/14 weights, trained with QuickGELU), config by name (needs open_clip):
+    python conversion/convert_open_clip_to_hf.py --checkpoint ViT-L-14-openai.safetensors --model-config ViT-L-14 \
+        --quick-gelu --output-dir clip-vit-l-14-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(
+            "Convert the vision tower of an open_clip ViT checkpoint into a Transformers CLIPVisionModel directory, "
+            "with an image processor reproducing open_clip's evaluation preprocessing."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help=(
+            "An open_clip state dict saved with torch.save (a training checkpoint with a 'state_dict' entry also "
+            "works) or a .safetensors file. It may hold the whole CLIP model ('visual.' keys), an OpenFlamingo model "
+            "('vision_encoder.' keys) or the bare visual module; the prefix is detected."
+        ),
+    )
+    parser.add_argument(
+        "--model-config",
+        required=True,
+        help="The open_clip model config: a JSON file path, or (if open_clip is installed) a registered model name.",
+    )
+    parser.add_argument(
+        "--quick-gelu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Use QuickGELU (the OpenAI weights need it). Default: the config's 'quick_gelu' entry, else GELU.",
+    )
+    parser.add_argument(
+        "--with-projection",
+        action="store_true",
+        help="Write a CLIPVisionModelWithProjection (keeps open_clip's 'proj' as visual_projection).",
+    )
+    parser.add_argument("--prefix", default=None, help="The prefix of the visual keys (default: detected).")
+    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="The dtype of the saved weights.")
+    parser.add_argument(
+        "--image-mean",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("R", "G", "B"),
+        help="Normalisation mean of the image processor (default: the OpenAI CLIP statistics).",
+    )
+    parser.add_argument(
+        "--image-std",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("R", "G", "B"),
+        help="Normalisation std of the image processor (default: the OpenAI CLIP statistics).",
+    )
+    parser.add_argument("--output-dir", required=True, help="The directory to write (must not exist).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace --output-dir if it exists.")
+    return parser.parse_args(argv)
+
+
+def _load_model_config(name_or_path: str) -> dict[str, Any]:
+    """Reads a JSON model config, or asks open_clip for a registered one."""
+    if os.path.isfile(name_or_path):
+        with open(name_or_path, encoding="utf-8") as f:
+            return json.load(f)
+    if name_or_path.endswith(".json") or os.sep in name_or_path:
+        raise FileNotFoundError(f"--model-config {name_or_path!r}: no such file.")
+    try:
+        import open_clip
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"--model-config {name_or_path!r} is not a file, and open_clip is not installed to look it up by name."
+        ) from err
+    config = open_clip.get_model_config(name_or_path)
+    if config is None:
+        raise FileNotFoundError(f"--model-config {name_or_path!r} is neither a file nor an open_clip model name.")
+    return config
+
+
+def _load_state_dict(path: str) -> dict[str, Any]:
+    """Loads a .safetensors file or a torch.save'd state dict (unwrapping a training checkpoint's 'state_dict')."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    import torch
+
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(loaded).__name__}).")
+    return loaded
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the conversion; returns the process exit code (0 on success)."""
+    args = _parse_args(argv)
+    output_dir = os.path.abspath(args.output_dir)
+    if os.path.lexists(output_dir) and not args.overwrite:
+        print(f"error: {output_dir} already exists; pass --overwrite to replace it.", file=sys.stderr)
+        return 1
+    if not os.path.isfile(args.checkpoint):
+        print(f"error: --checkpoint {args.checkpoint!r}: no such file.", file=sys.stderr)
+        return 1
+
+    import torch
+
+    from hf_flamingo.conversion.open_clip import (
+        OPENAI_CLIP_MEAN,
+        OPENAI_CLIP_STD,
+        clip_vision_config_from_open_clip,
+        open_clip_image_processor,
+        open_clip_vision_to_hf,
+    )
+
+    try:
+        model_config = _load_model_config(args.model_config)
+        config = clip_vision_config_from_open_clip(model_config, quick_gelu=args.quick_gelu)
+        state_dict = _load_state_dict(args.checkpoint)
+        model = open_clip_vision_to_hf(
+            state_dict,
+            model_config,
+            quick_gelu=args.quick_gelu,
+            with_projection=args.with_projection,
+            prefix=args.prefix,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    del state_dict
+    model = model.to(getattr(torch, args.dtype))
+    image_processor = open_clip_image_processor(
+        config.image_size,
+        mean=args.image_mean or OPENAI_CLIP_MEAN,
+        std=args.image_std or OPENAI_CLIP_STD,
+    )
+
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+    try:
+        model.save_pretrained(tmp_dir)
+        image_processor.save_pretrained(tmp_dir)
+        if os.path.lexists(output_dir):
+            if not args.overwrite:  # appeared while converting
+                print(f"error: {output_dir} already exists; pass --overwrite to replace it.", file=sys.stderr)
+                return 1
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)
+            os.rename(output_dir, os.path.join(old, "previous"))
+            os.rename(tmp_dir, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp_dir, output_dir)
+    finally:
+        if os.path.isdir(tmp_dir):
+            shutil.rmtree(tmp_dir)
+
+    kind = type(model).__name__
+    print(
+        f"Wrote {kind} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.hidden_act}, "
+        f"{args.dtype}) and CLIPImageProcessorPil ({config.image_size}px) to {output_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

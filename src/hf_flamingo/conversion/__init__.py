@@ -1,0 +1,1 @@
+"""Converters from other checkpoint layouts to hf_flamingo / transformers layouts."""

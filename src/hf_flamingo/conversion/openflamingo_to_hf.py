@@ -1,0 +1,395 @@
+"""End-to-end OpenFlamingo -> Hub conversion: checkpoint + backbones + tokenizer in, a loadable directory out.
+
+Command line: `python conversion/convert_openflamingo_to_hf.py --help` (or `hf-flamingo convert --help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+
+from ..configuration_flamingo import FlamingoConfig
+from ..language_model_hooks import find_decoder_layers
+from ..modeling_flamingo import FlamingoForConditionalGeneration
+from ..processing_flamingo import FlamingoProcessor
+from .open_clip import open_clip_image_processor
+from .openflamingo import (
+    CheckpointError,
+    ConversionReport,
+    check_checkpoint_against_release,
+    infer_cross_attn_every_n_layers,
+    load_openflamingo_checkpoint,
+    load_openflamingo_weights,
+    map_openflamingo_state_dict,
+    write_directory_atomically,
+)
+from .releases import OPENFLAMINGO_RELEASES, OpenFlamingoRelease, get_release
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike | None, release: OpenFlamingoRelease | None) -> Path:
+    """A local checkpoint path: `checkpoint` itself if it exists, else `checkpoint.pt` of a Hub repo (the release's
+    repository when `checkpoint` is `None`), downloaded through `huggingface_hub`.
+
+    Raises:
+        FileNotFoundError: if the path does not exist and it cannot be a Hub repo id, or the download fails (e.g.
+            offline).
+    """
+    if checkpoint is not None and Path(checkpoint).exists():
+        return Path(checkpoint)
+    repo_id = str(checkpoint) if checkpoint is not None else (release.repo_id if release is not None else None)
+    if repo_id is None:
+        raise FileNotFoundError("No checkpoint given: pass a `checkpoint.pt` path, a Hub repo id or a release name.")
+    looks_like_repo = repo_id.count("/") == 1 and not repo_id.endswith((".pt", ".bin", ".safetensors"))
+    if not looks_like_repo:
+        raise FileNotFoundError(f"Checkpoint {repo_id!r} does not exist.")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "checkpoint.pt"))
+    except Exception as error:  # offline mode, missing repo, network: all end the conversion with the same advice
+        raise FileNotFoundError(
+            f"Could not download `checkpoint.pt` from the Hub repository {repo_id!r} ({type(error).__name__}: "
+            f"{error}). Pass a local checkpoint path to convert offline."
+        ) from error
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _check_local_source(value: Any, what: str) -> None:
+    """A clear error for a backbone given as a local path that does not exist (instead of a failed Hub lookup)."""
+    if isinstance(value, (str, os.PathLike)) and not Path(value).exists():
+        text = os.fspath(value)
+        if isinstance(value, os.PathLike) or not _HUB_ID.match(text):
+            raise FileNotFoundError(f"The {what} directory {text!r} does not exist.")
+
+
+def convert_openflamingo_checkpoint(
+    checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+    *,
+    release: str | OpenFlamingoRelease | None = None,
+    vision_model: str | os.PathLike | PreTrainedModel | None = None,
+    language_model: str | os.PathLike | PreTrainedModel | None = None,
+    tokenizer: str | os.PathLike | Any | None = None,
+    cross_attn_every_n_layers: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    language_model_kwargs: dict[str, Any] | None = None,
+) -> tuple[FlamingoForConditionalGeneration, FlamingoProcessor, ConversionReport]:
+    """Converts an OpenFlamingo checkpoint into a [`FlamingoForConditionalGeneration`] and its processor.
+
+    Args:
+        checkpoint: A `checkpoint.pt` path, a Hub repo id holding one, an already loaded state dict, or `None` for the
+            release's own repository.
+        release (`str` or `OpenFlamingoRelease`, *optional*): A release name (see `OPENFLAMINGO_RELEASES`): supplies
+            the default backbones and interval, and the checkpoint is checked against it (keys, shapes, interval,
+            special-token ids) before any backbone is loaded.
+        vision_model: Hub id, local directory or model of the vision tower (default: the release's).
+        language_model: Hub id, local directory or model of the language model (default: the release's).
+        tokenizer: Hub id, local directory or tokenizer (default: the language model's).
+        cross_attn_every_n_layers (`int`, *optional*): Without a release, the expected interval (default: inferred
+            from the checkpoint).
+        dtype (`torch.dtype` or `str`, *optional*): dtype of the returned model (default float32).
+        language_model_kwargs (`dict`, *optional*): Extra `from_pretrained` arguments for the language model.
+
+    Returns:
+        `(model, processor, report)`.
+
+    Raises:
+        CheckpointError: if the checkpoint is unreadable or does not fit the release / backbones.
+        FileNotFoundError: for missing local files.
+        ValueError: for inconsistent arguments.
+    """
+    if isinstance(release, str):
+        release = get_release(release)
+    if release is None and (vision_model is None or language_model is None):
+        raise ValueError(
+            "Pass either `release` (one of: " + ", ".join(OPENFLAMINGO_RELEASES) + ") or both `vision_model` and "
+            "`language_model`."
+        )
+    if release is not None and cross_attn_every_n_layers not in (None, release.cross_attn_every_n_layers):
+        raise ValueError(
+            f"{release.name} has cross-attention every {release.cross_attn_every_n_layers} layers; "
+            f"`cross_attn_every_n_layers={cross_attn_every_n_layers}` contradicts it."
+        )
+    vision_model = vision_model if vision_model is not None else release.vision_model
+    lm_kwargs = dict(language_model_kwargs or {})
+    if language_model is None:
+        language_model = release.language_model
+        if release.language_model_revision is not None:
+            lm_kwargs.setdefault("revision", release.language_model_revision)
+    tokenizer = tokenizer if tokenizer is not None else language_model
+    if isinstance(tokenizer, PreTrainedModel):
+        raise ValueError("Pass `tokenizer` explicitly when `language_model` is a model instance.")
+    _check_local_source(vision_model, "vision model")
+    _check_local_source(language_model, "language model")
+    _check_local_source(tokenizer, "tokenizer")
+
+    if isinstance(checkpoint, Mapping):
+        state_dict = dict(checkpoint)
+    else:
+        state_dict = load_openflamingo_checkpoint(resolve_checkpoint(checkpoint, release))
+    if release is not None:
+        check_checkpoint_against_release(state_dict, release)
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    # The processor adds `<|endofchunk|>`, `<image>` (and `<PAD>` without a pad token) in OpenFlamingo's order.
+    processor = FlamingoProcessor(image_processor=open_clip_image_processor(224), tokenizer=tokenizer)
+    model = _build_model(
+        vision_model, language_model, processor.tokenizer, state_dict, cross_attn_every_n_layers, lm_kwargs
+    )
+    processor.image_processor = open_clip_image_processor(model.config.vision_config.image_size)
+    if release is not None:
+        found = {
+            "<|endofchunk|>": processor.eoc_token_id,
+            "<image>": processor.media_token_id,
+            "<PAD>": processor.tokenizer.convert_tokens_to_ids("<PAD>"),
+        }
+        if found != release.special_token_ids:
+            raise CheckpointError(
+                f"The tokenizer gives the special tokens ids {found}, but {release.name} was trained with "
+                f"{release.special_token_ids}: use the release's tokenizer."
+            )
+
+    report = load_openflamingo_weights(model, state_dict)
+    model.generation_config = GenerationConfig(
+        eos_token_id=model.config.eoc_token_id,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        bos_token_id=processor.tokenizer.bos_token_id,
+    )
+    if dtype is not None:
+        model = model.to(_DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    return model.eval(), processor, report
+
+
+def _build_model(
+    vision_model: Any,
+    language_model: Any,
+    tokenizer: Any,
+    state_dict: Mapping[str, torch.Tensor],
+    cross_attn_every_n_layers: int | None,
+    language_model_kwargs: dict[str, Any],
+) -> FlamingoForConditionalGeneration:
+    if isinstance(language_model, (str, os.PathLike)):
+        language_model = AutoModelForCausalLM.from_pretrained(
+            language_model, dtype=torch.float32, **language_model_kwargs
+        )
+    num_layers = FlamingoConfig(text_config=language_model.config).num_text_layers
+    layers_path, _ = find_decoder_layers(language_model, num_layers)
+    weights = map_openflamingo_state_dict(state_dict, layers_path, num_layers)
+    n = infer_cross_attn_every_n_layers(weights.cross_attention_layers, num_layers)
+    if cross_attn_every_n_layers is not None and n != cross_attn_every_n_layers:
+        raise CheckpointError(
+            f"The checkpoint has gated cross-attention every {n} layers (before layers "
+            f"{weights.cross_attention_layers}), not every {cross_attn_every_n_layers}."
+        )
+    # `tokenizer` already holds OpenFlamingo's special tokens (added by the processor); `from_backbones` resizes the
+    # embeddings to it, as OpenFlamingo's factory does.
+    return FlamingoForConditionalGeneration.from_backbones(
+        vision_model,
+        language_model,
+        tokenizer=tokenizer,
+        dtype=torch.float32,
+        cross_attn_every_n_layers=n,
+        vision_feature_select_strategy="default",
+    )
+
+
+def model_card(
+    model: FlamingoForConditionalGeneration,
+    report: ConversionReport,
+    *,
+    release: OpenFlamingoRelease | None,
+    vision_model: str,
+    language_model: str,
+    repo_id: str | None = None,
+) -> str:
+    """A model card (`README.md`) for a converted directory."""
+    config = model.config
+    name = release.name if release is not None else "an OpenFlamingo checkpoint"
+    source = (
+        f"[`{release.repo_id}`](https://huggingface.co/{release.repo_id})" if release is not None else "a local file"
+    )
+    load_id = repo_id or "path/to/this/directory"
+    notes = f"\n{release.model_card_notes}\n" if release is not None and release.model_card_notes else ""
+    return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+license: mit
+tags:
+- flamingo
+- openflamingo
+- hf_flamingo
+---
+
+# {name} (Transformers-native)
+
+{name} converted from {source} into `hf_flamingo`'s `FlamingoForConditionalGeneration`: loads with
+`from_pretrained`, no OpenFlamingo, open_clip or einops needed.
+{notes}
+- Vision tower: `{vision_model}` (CLIP patch tokens without CLS, before the final LayerNorm, as OpenFlamingo was
+  trained).
+- Language model: `{language_model}` ({type(model.language_model).__name__}, {config.num_text_layers} layers, vocabulary
+  {model.get_input_embeddings().weight.shape[0]}).
+- Gated cross-attention before decoder layers where `(i + 1) % {config.cross_attn_every_n_layers} == 0`
+  ({len(config.cross_attention_layer_indices())} blocks); `<image>` = {config.media_token_id}, `<|endofchunk|>` =
+  {config.eoc_token_id}; generation stops at `<|endofchunk|>`.
+- Conversion: {len(report.loaded_keys)} weights from the checkpoint ({report.checkpoint_keys} keys, of which
+  {len(report.dropped_aliases)} duplicate aliases and {len(report.dropped_buffers)} obsolete buffers were dropped);
+  {len(report.backbone_keys)} frozen backbone weights from the backbones.
+
+## Usage
+
+```python
+import hf_flamingo  # registers the Auto classes (or pass trust_remote_code=True to use the code in this repo)
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("{load_id}")
+processor = AutoProcessor.from_pretrained("{load_id}")
+prompt = "<image>Output:a dog on a beach.<|endofchunk|><image>Output:"
+inputs = processor(images=[[demo_image, query_image]], text=[prompt], return_tensors="pt")
+generated = model.generate(**inputs, max_new_tokens=20, num_beams=3)
+print(processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+OpenFlamingo evaluated with bf16 autocast over fp32 weights; fp32 reproduces the original model to within float
+rounding.
+"""
+
+
+def save_converted_model(
+    model: FlamingoForConditionalGeneration,
+    processor: FlamingoProcessor,
+    output_dir: str | os.PathLike,
+    *,
+    card: str,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Writes model, processor, generation config and model card into `output_dir`, atomically."""
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory, max_shard_size=max_shard_size)
+        processor.save_pretrained(directory)
+        (directory / "README.md").write_text(card, encoding="utf-8")
+
+    return write_directory_atomically(output_dir, write, overwrite=overwrite)
+
+
+def push_converted_model(
+    output_dir: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None
+):
+    """Uploads a converted directory to the Hub (creating the repository if needed)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=str(output_dir), commit_message="Convert OpenFlamingo checkpoint with hf_flamingo"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `convert` command line."""
+    parser = argparse.ArgumentParser(
+        prog="convert_openflamingo_to_hf",
+        description="Convert an OpenFlamingo v2 checkpoint.pt into a Transformers directory loadable with "
+        "AutoModelForImageTextToText.from_pretrained (no OpenFlamingo, open_clip or remote code needed).",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        help="Path of checkpoint.pt (or a Hub repo id holding one). Default: the release's Hub repository.",
+    )
+    parser.add_argument(
+        "--release",
+        choices=sorted(OPENFLAMINGO_RELEASES),
+        help="The release the checkpoint belongs to: sets the backbones and checks the checkpoint against it.",
+    )
+    parser.add_argument("--vision-model", help="Hub id or local directory of the vision tower (a CLIP model).")
+    parser.add_argument("--language-model", help="Hub id or local directory of the language model.")
+    parser.add_argument(
+        "--tokenizer", help="Hub id or local directory of the tokenizer (default: the language model)."
+    )
+    parser.add_argument(
+        "--cross-attn-every-n-layers",
+        type=int,
+        help="Without --release: the interval of the cross-attention layers (default: inferred from the checkpoint).",
+    )
+    parser.add_argument("--output-dir", required=True, help="Directory to write (must not exist unless --overwrite).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the saved weights.")
+    parser.add_argument("--max-shard-size", default="5GB", help="Largest safetensors shard (default 5GB).")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="Also upload the directory to this Hub repository.")
+    parser.add_argument("--private", action="store_true", help="With --push-to-hub: create a private repository.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the converter; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.release is None and (args.vision_model is None or args.language_model is None):
+        parser.error("pass --release, or both --vision-model and --language-model")
+    if args.release is None and args.checkpoint is None:
+        parser.error("pass --checkpoint (there is no release to take it from)")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not args.overwrite:
+        parser.error(f"output directory {str(output_dir)!r} already exists (pass --overwrite to replace it)")
+    release = get_release(args.release) if args.release else None
+    try:
+        model, processor, report = convert_openflamingo_checkpoint(
+            args.checkpoint,
+            release=release,
+            vision_model=args.vision_model,
+            language_model=args.language_model,
+            tokenizer=args.tokenizer,
+            cross_attn_every_n_layers=args.cross_attn_every_n_layers,
+            dtype=args.dtype,
+        )
+        card = model_card(
+            model,
+            report,
+            release=release,
+            vision_model=str(args.vision_model or release.vision_model),
+            language_model=str(args.language_model or release.language_model),
+            repo_id=args.push_to_hub,
+        )
+        written = save_converted_model(
+            model, processor, output_dir, card=card, overwrite=args.overwrite, max_shard_size=args.max_shard_size
+        )
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"Wrote {written}: {len(report.loaded_keys)} weights from the checkpoint, {len(report.backbone_keys)} from "
+        f"the backbones, cross-attention every {report.cross_attn_every_n_layers} layers."
+    )
+    if args.push_to_hub:
+        push_converted_model(written, args.push_to_hub, private=args.private)
+        print(f"Uploaded to https://huggingface.co/{args.push_to_hub}")
+    return 0
+
+
+__all__ = [
+    "build_parser",
+    "convert_openflamingo_checkpoint",
+    "main",
+    "model_card",
+    "push_converted_model",
+    "resolve_checkpoint",
+    "save_converted_model",
+]
