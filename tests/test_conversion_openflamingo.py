@@ -133,6 +133,7 @@ def test_converted_directory_contents(converted):
     assert {"config.json", "generation_config.json", "README.md", "processor_config.json"} <= files
     assert any(name.endswith(".safetensors") for name in files)
     assert not any(name.endswith((".bin", ".pt")) for name in files)
+    assert type(converted.processor.image_processor).__name__ == "FlamingoImageProcessor"
     assert "# an OpenFlamingo checkpoint (Transformers-native)" in (converted.output_dir / "README.md").read_text()
 
 

@@ -17,16 +17,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessorPil, CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
 
 from hf_flamingo.conversion.open_clip import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
     clip_vision_config_from_open_clip,
     convert_open_clip_vision_state_dict,
     open_clip_image_processor,
     open_clip_vision_to_hf,
 )
+from hf_flamingo.image_processing_flamingo import FlamingoImageProcessor
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -315,12 +314,13 @@ def _test_images(width: int, height: int) -> dict[str, Image.Image]:
 
 
 def _crop_offset_differs(width: int, height: int, size: int) -> bool:
-    """Whether torchvision's round-half-even crop start differs from transformers' floor (see the docstring)."""
+    """Whether torchvision's round-half-even crop start differs from a floor division (transformers' CLIP crop)."""
     resized_long = int(size * max(width, height) / min(width, height))
     return (resized_long - size) % 4 == 3
 
 
-IMAGE_SIZES = [(640, 480), (333, 500), (224, 224), (37, 91), (513, 385), (91, 37)]
+# The last two sizes are ones where a floor-division crop would start one pixel early.
+IMAGE_SIZES = [(640, 480), (333, 500), (224, 224), (37, 91), (513, 385), (91, 37), (299, 224), (225, 500)]
 
 
 @pytest.mark.parametrize("size", [32, 224])
@@ -330,9 +330,9 @@ def test_image_processor_matches_open_clip_val_transform(gelu_clip, size):
     else:
         reference = open_clip.image_transform(224, is_train=False)
     processor = open_clip_image_processor(size)
-    assert isinstance(processor, CLIPImageProcessorPil)
+    assert isinstance(processor, FlamingoImageProcessor)
+    assert any(_crop_offset_differs(w, h, size) for w, h in IMAGE_SIZES)
     for width, height in IMAGE_SIZES:
-        assert not _crop_offset_differs(width, height, size)
         for kind, image in _test_images(width, height).items():
             expected = reference(image)
             got = processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -341,20 +341,17 @@ def test_image_processor_matches_open_clip_val_transform(gelu_clip, size):
             assert diff <= 1e-6, f"{width}x{height} {kind} at {size}: max abs diff {diff}"  # measured: 0.0
 
 
-@pytest.mark.parametrize(("width", "height", "size"), [(299, 224, 224), (225, 500, 32)])
-def test_image_processor_crop_offset_is_the_documented_one(width, height, size):
-    """When `(resized_long - size) % 4 == 3`, the crop starts 1 px earlier than torchvision's; nothing else differs."""
-    assert _crop_offset_differs(width, height, size)
-    image = _test_images(width, height)["noise"]
-    scale = size / min(width, height)
-    new_w, new_h = (size, int(height * scale)) if width <= height else (int(width * scale), size)
-    resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2  # floor, where torchvision rounds half to even
-    cropped = torch.from_numpy(np.array(resized.crop((left, top, left + size, top + size)))).permute(2, 0, 1)
-    mean, std = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None], torch.tensor(OPENAI_CLIP_STD)[:, None, None]
-    floor_crop = (cropped.float() / 255 - mean) / std
-    got = open_clip_image_processor(size)(images=image, return_tensors="pt")["pixel_values"][0]
-    torch.testing.assert_close(got, floor_crop, atol=1e-6, rtol=0)
+@pytest.mark.parametrize("backend", [None, "pil", "torchvision"])
+def test_saved_image_processor_reloads_as_itself(tmp_path, backend):
+    from transformers import AutoImageProcessor
+
+    open_clip_image_processor(32).save_pretrained(tmp_path)
+    kwargs = {} if backend is None else {"backend": backend}
+    reloaded = AutoImageProcessor.from_pretrained(tmp_path, **kwargs)
+    assert type(reloaded) is FlamingoImageProcessor
+    image = _test_images(299, 224)["noise"]
+    reference = open_clip.image_transform(32, is_train=False)(image)
+    assert torch.equal(reloaded(images=image, return_tensors="pt")["pixel_values"][0], reference)
 
 
 def test_image_processor_custom_statistics_and_validation():
@@ -420,8 +417,9 @@ def test_cli_converts_and_refuses_existing_dir(tmp_path, registered_configs):
     with torch.no_grad():
         pooled, tokens = model.visual(pixels)
         torch.testing.assert_close(hf(pixel_values=pixels).last_hidden_state[:, 1:], tokens, atol=TOL, rtol=0)
-    processor = CLIPImageProcessorPil.from_pretrained(output_dir)
-    assert processor.to_dict() == open_clip_image_processor(32).to_dict()
+    processor = FlamingoImageProcessor.from_pretrained(output_dir)
+    saved = {k: v for k, v in processor.to_dict().items() if k != "auto_map"}  # the remote-code pointer
+    assert saved == open_clip_image_processor(32).to_dict()
 
     # An existing directory is refused and left untouched.
     marker_files = sorted(p.name for p in output_dir.iterdir())

@@ -52,6 +52,9 @@ REMOTE_SCRIPT = textwrap.dedent(
         assert type(processor).__module__.startswith("transformers_modules."), type(processor).__module__
         encoded = processor(text=["<image>a photo"], images=[[torch.zeros(3, 30, 30)]], return_tensors="pt")
         outputs["processor_ids"] = encoded["input_ids"]
+        outputs["pixel_values"] = encoded["pixel_values"]
+        image_processor = type(processor.image_processor)
+        outputs["image_processor"] = f"{image_processor.__module__.split('.')[0]}.{image_processor.__name__}"
     torch.save(outputs, outputs_path)
     """
 )
@@ -128,3 +131,43 @@ def test_saved_processor_loads_with_remote_code_without_the_package(tmp_path, ti
     )
     expected = tiny_processor(text=["<image>a photo"], images=[[torch.zeros(3, 30, 30)]], return_tensors="pt")
     assert torch.equal(outputs["processor_ids"], expected["input_ids"])
+    assert torch.equal(outputs["pixel_values"], expected["pixel_values"])
+
+
+def test_converted_openflamingo_directory_loads_with_remote_code_without_the_package(tmp_path):
+    """A converted OpenFlamingo-3B-style model (MosaicGPT LM, FlamingoImageProcessor) runs from its own code files."""
+    from conversion_fixtures import FAMILIES, prepare_openflamingo_files
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from hf_flamingo.conversion.openflamingo_to_hf import (
+        convert_openflamingo_checkpoint,
+        model_card,
+        save_converted_model,
+    )
+
+    prepare_openflamingo_files(FAMILIES["mosaic_gpt"], tmp_path)
+    model, processor, report = convert_openflamingo_checkpoint(
+        tmp_path / "checkpoint.pt",
+        vision_model=tmp_path / "vision_model",
+        language_model=tmp_path / "language_model",
+        tokenizer=tmp_path / "tokenizer",
+    )
+    card = model_card(model, report, release=None, vision_model="tiny", language_model="tiny")
+    directory = save_converted_model(model, processor, tmp_path / "converted", card=card)
+    assert {"image_processing_flamingo.py", "processing_flamingo.py"} | CODE_FILES <= {
+        p.name for p in directory.iterdir()
+    }
+    model = AutoModelForImageTextToText.from_pretrained(directory).eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    inputs = dict(processor(text=["<image>Output:"], images=[[torch.rand(3, 40, 48)]], return_tensors="pt"))
+    inputs.pop("mm_token_type_ids", None)
+    with torch.no_grad():
+        expected_logits = model(**inputs).logits
+        expected_generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, num_beams=2)
+    outputs = run_without_package(directory, inputs, tmp_path)
+    assert outputs["language_model"] == "MosaicGPTForCausalLM"
+    assert outputs["image_processor"] == "transformers_modules.FlamingoImageProcessor"
+    assert torch.equal(outputs["logits"], expected_logits)
+    assert torch.equal(outputs["generated"], expected_generated)
+    expected = processor(text=["<image>a photo"], images=[[torch.zeros(3, 30, 30)]], return_tensors="pt")
+    assert torch.equal(outputs["pixel_values"], expected["pixel_values"])

@@ -4,10 +4,17 @@ Importing the package registers the classes with transformers' Auto classes, so 
 `AutoModelForImageTextToText`, `AutoProcessor` (and `AutoModelForCausalLM` for MosaicGPT) load saved directories.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .configuration_flamingo import FlamingoConfig
 from .configuration_mosaic_gpt import MosaicGPTConfig
+from .image_processing_flamingo import FlamingoImageProcessor
 from .modeling_flamingo import (
     FlamingoCausalLMOutputWithPast,
     FlamingoForConditionalGeneration,
@@ -21,6 +28,12 @@ __version__ = "0.1.0.dev0"
 AutoConfig.register(FlamingoConfig.model_type, FlamingoConfig, exist_ok=True)
 AutoModelForImageTextToText.register(FlamingoConfig, FlamingoForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(FlamingoConfig, FlamingoProcessor, exist_ok=True)
+# One implementation serves both backend requests: the PIL path is the one that reproduces open_clip exactly.
+AutoImageProcessor.register(
+    FlamingoConfig,
+    image_processor_classes={"pil": FlamingoImageProcessor, "torchvision": FlamingoImageProcessor},
+    exist_ok=True,
+)
 AutoConfig.register(MosaicGPTConfig.model_type, MosaicGPTConfig, exist_ok=True)
 AutoModelForCausalLM.register(MosaicGPTConfig, MosaicGPTForCausalLM, exist_ok=True)
 
@@ -29,6 +42,7 @@ AutoModelForCausalLM.register(MosaicGPTConfig, MosaicGPTForCausalLM, exist_ok=Tr
 FlamingoConfig.register_for_auto_class()
 FlamingoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 FlamingoProcessor.register_for_auto_class("AutoProcessor")
+FlamingoImageProcessor.register_for_auto_class("AutoImageProcessor")
 MosaicGPTConfig.register_for_auto_class()
 MosaicGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
@@ -36,6 +50,7 @@ __all__ = [
     "FlamingoCausalLMOutputWithPast",
     "FlamingoConfig",
     "FlamingoForConditionalGeneration",
+    "FlamingoImageProcessor",
     "FlamingoPreTrainedModel",
     "FlamingoProcessor",
     "MosaicGPTConfig",

@@ -39,8 +39,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 from transformers.image_utils import PILImageResampling
+
+from ..image_processing_flamingo import FlamingoImageProcessor
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
@@ -464,28 +466,19 @@ def open_clip_image_processor(
     *,
     mean: Sequence[float] = OPENAI_CLIP_MEAN,
     std: Sequence[float] = OPENAI_CLIP_STD,
-) -> CLIPImageProcessorPil:
+) -> FlamingoImageProcessor:
     """
-    Builds a transformers image processor reproducing open_clip's evaluation transform
+    Builds an image processor reproducing open_clip's evaluation transform
     (`open_clip.image_transform(image_size, is_train=False)`, the default `resize_mode="shortest"`): resize the
-    shortest side to `image_size` with PIL's bicubic filter (antialiased), center crop `image_size` x `image_size`,
-    convert to RGB, scale to [0, 1] and normalise with `mean` / `std`.
+    shortest side to `image_size` with PIL's bicubic filter (antialiased), center crop `image_size` x `image_size`
+    (torchvision's rounding), convert to RGB, scale to [0, 1] and normalise with `mean` / `std`.
 
-    It is the PIL backend, `CLIPImageProcessorPil`: it resizes with PIL exactly like torchvision's `Resize` on a PIL
-    image, so its output is bit-identical to open_clip's for RGB and grayscale PIL images, except in two cases:
-    - Crop offset. torchvision's `CenterCrop` starts the crop at `round((L - image_size) / 2)` (round half to
-      even), transformers at `(L - image_size) // 2`, where `L = int(image_size * long_side / short_side)` is the
-      resized long side. When `(L - image_size) % 4 == 3` the transformers crop is 1 px closer to the top/left
-      (e.g. a 299x224 image at 224, or 225x500 at 32). Measured: up to 3.8 on uniform-noise images and about 0.015
-      on smooth gradients (one 8-bit level), in normalised units. Other sizes: exactly 0.
-    - Images with an alpha channel: open_clip resizes RGBA (premultiplied) then drops alpha, transformers
-      composites onto white first. Call `image.convert("RGB")` before either to get identical results.
-    The torchvision backend (`CLIPImageProcessor`, the default of `AutoImageProcessor` in transformers 5) resizes
-    uint8 tensors with its own bicubic kernel and differs by one 8-bit level (0.015) on most images and by up to
-    0.6 on noise, so it is not used here.
-
-    Saving writes `"image_processor_type": "CLIPImageProcessor"`; reload with `CLIPImageProcessorPil.from_pretrained`
-    or `AutoImageProcessor.from_pretrained(path, backend="pil")` to keep the PIL backend.
+    The result is a [`FlamingoImageProcessor`] (transformers' PIL-backend CLIP processor with torchvision's crop
+    rounding): bit-identical to open_clip on RGB and grayscale PIL images. Images with an alpha channel differ
+    (open_clip resizes RGBA and then drops alpha; transformers composites onto white first); call
+    `image.convert("RGB")` before either to get identical results. transformers' default torchvision backend
+    (`CLIPImageProcessor`) resizes uint8 tensors with its own bicubic kernel and differs by one 8-bit level (0.015)
+    on most images and by up to 0.6 on noise, so it is not used.
 
     Args:
         image_size (`int`):
@@ -496,13 +489,13 @@ def open_clip_image_processor(
             Per-channel normalisation standard deviation.
 
     Returns:
-        `CLIPImageProcessorPil`: Producing `pixel_values` of shape `(batch, 3, image_size, image_size)`.
+        [`FlamingoImageProcessor`]: Producing `pixel_values` of shape `(batch, 3, image_size, image_size)`.
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
         raise ValueError(f"`image_size` must be a positive int, got {image_size!r}.")
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"`mean` and `std` must have 3 values, got {list(mean)} and {list(std)}.")
-    return CLIPImageProcessorPil(
+    return FlamingoImageProcessor(
         do_resize=True,
         size={"shortest_edge": image_size},
         resample=PILImageResampling.BICUBIC,
