@@ -18,7 +18,14 @@ from hf_flamingo.conversion.openflamingo import (
     normalize_openflamingo_state_dict,
     write_directory_atomically,
 )
-from hf_flamingo.conversion.openflamingo_to_hf import convert_openflamingo_checkpoint
+from hf_flamingo.conversion.openflamingo_to_hf import (
+    convert_openflamingo_checkpoint,
+    model_card,
+    push_converted_model,
+    resolve_checkpoint,
+    save_converted_model,
+)
+from hf_flamingo.conversion.releases import get_release
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "conversion" / "convert_openflamingo_to_hf.py"
@@ -212,3 +219,59 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
     write_directory_atomically(existing, lambda directory: (directory / "new.txt").write_text("new"), overwrite=True)
     assert sorted(p.name for p in existing.iterdir()) == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["existing"]
+
+
+def test_dtype_and_sharded_output(files, tmp_path):
+    model, processor, report = convert_openflamingo_checkpoint(
+        files / "checkpoint.pt",
+        vision_model=files / "vision_model",
+        language_model=files / "language_model",
+        tokenizer=files / "tokenizer",
+        dtype="bfloat16",
+    )
+    card = model_card(model, report, release=None, vision_model="tiny", language_model="tiny")
+    output_dir = save_converted_model(model, processor, tmp_path / "bf16", card=card, max_shard_size="200KB")
+    shards = sorted(p.name for p in output_dir.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (output_dir / "model.safetensors.index.json").is_file()
+    reloaded = AutoModelForImageTextToText.from_pretrained(output_dir)
+    reference, _, _ = convert_openflamingo_checkpoint(
+        files / "checkpoint.pt",
+        vision_model=files / "vision_model",
+        language_model=files / "language_model",
+        tokenizer=files / "tokenizer",
+    )
+    expected = reference.state_dict()
+    for name, value in reloaded.state_dict().items():
+        assert value.dtype == torch.bfloat16, name
+        assert torch.equal(value, expected[name].to(torch.bfloat16)), name
+
+
+def test_push_to_hub_uploads_the_written_directory(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    class RecordingApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs))
+            return "commit-url"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    assert push_converted_model(tmp_path, "someone/of-tiny", private=True, token="t") == "commit-url"
+    assert calls[0] == ("init", "t")
+    assert calls[1] == ("create_repo", "someone/of-tiny", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert calls[2][0] == "upload_folder"
+    assert calls[2][1]["repo_id"] == "someone/of-tiny" and calls[2][1]["folder_path"] == str(tmp_path)
+
+
+def test_release_checkpoint_cannot_be_downloaded_offline():
+    with pytest.raises(FileNotFoundError, match=r"from the Hub repository 'openflamingo/OpenFlamingo-3B-vitl-mpt1b'"):
+        resolve_checkpoint(None, get_release("OpenFlamingo-3B-vitl-mpt1b"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_checkpoint("no/such/dir/checkpoint.pt", None)
