@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, Lla
 
 from hf_flamingo import MosaicGPTConfig
 from hf_flamingo.conversion.open_clip import open_clip_vision_to_hf
+from hf_flamingo.conversion.openflamingo_to_hf import convert_openflamingo_checkpoint
 
 
 @dataclass(frozen=True)
@@ -113,3 +114,14 @@ def prepare_openflamingo_files(family: Family, directory: Path, layout: str = "t
     open_clip_vision_to_hf(clip_model.visual, register_tiny_open_clip()).save_pretrained(directory / "vision_model")
     save_openflamingo_checkpoint(oracle, directory / "checkpoint.pt", layout=layout)
     return oracle, oracle_tokenizer
+
+
+def convert_files(directory: Path, checkpoint=None, **kwargs):
+    """`convert_openflamingo_checkpoint` on the files `prepare_openflamingo_files` wrote into `directory`."""
+    return convert_openflamingo_checkpoint(
+        directory / "checkpoint.pt" if checkpoint is None else checkpoint,
+        vision_model=directory / "vision_model",
+        language_model=directory / "language_model",
+        tokenizer=directory / "tokenizer",
+        **kwargs,
+    )

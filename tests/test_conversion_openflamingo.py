@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conversion_fixtures import FAMILIES, Family, prepare_openflamingo_files, write_backbones
+from conversion_fixtures import FAMILIES, Family, convert_files, prepare_openflamingo_files, write_backbones
 from openflamingo_oracle import build_openflamingo, register_tiny_open_clip, save_openflamingo_checkpoint
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaConfig
 
@@ -40,12 +40,7 @@ class Converted:
 def _convert(family: Family, directory, layout: str = "trainable", seed: int = 0) -> Converted:
     oracle, oracle_tokenizer = prepare_openflamingo_files(family, directory, layout, seed)
 
-    model, processor, report = convert_openflamingo_checkpoint(
-        directory / "checkpoint.pt",
-        vision_model=directory / "vision_model",
-        language_model=directory / "language_model",
-        tokenizer=directory / "tokenizer",
-    )
+    model, processor, report = convert_files(directory)
     card = model_card(model, report, release=None, vision_model="tiny", language_model="tiny")
     output_dir = save_converted_model(model, processor, directory / "converted", card=card)
     reloaded = AutoModelForImageTextToText.from_pretrained(output_dir).eval()
@@ -143,12 +138,7 @@ def test_full_dump_saved_by_older_transformers(tmp_path):
     oracle, oracle_tokenizer = prepare_openflamingo_files(FAMILIES["gpt_neox"], tmp_path, layout="full")
     state_dict = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     state_dict["lang_encoder.embed_out.weight"] = state_dict.pop("lang_encoder.lm_head.weight")
-    model, _, report = convert_openflamingo_checkpoint(
-        state_dict,
-        vision_model=tmp_path / "vision_model",
-        language_model=tmp_path / "language_model",
-        tokenizer=tmp_path / "tokenizer",
-    )
+    model, _, report = convert_files(tmp_path, state_dict)
     assert any(k.startswith("lang_encoder.old_decoder_blocks.") for k in report.dropped_aliases)
     assert any(k.startswith("lang_encoder.gated_cross_attn_layers.") for k in report.dropped_aliases)
     assert report.renamed_keys == {"embed_out.weight": "lm_head.weight"}
@@ -173,12 +163,7 @@ def test_vision_encoder_in_checkpoint_overrides_the_given_tower(tmp_path):
             parameter.add_(torch.randn_like(parameter))  # a different tower with the same architecture
     vision_model.save_pretrained(tmp_path / "vision_model")
     save_openflamingo_checkpoint(oracle, tmp_path / "checkpoint.pt", layout="full")
-    model, _, report = convert_openflamingo_checkpoint(
-        tmp_path / "checkpoint.pt",
-        vision_model=tmp_path / "vision_model",
-        language_model=tmp_path / "language_model",
-        tokenizer=tmp_path / "tokenizer",
-    )
+    model, _, report = convert_files(tmp_path)
     assert not any(k.startswith("vision_model.") for k in report.backbone_keys)
     input_ids, attention_mask, pixel_values = _batch(oracle_tokenizer)
     expected = _oracle_logits(oracle, input_ids, attention_mask, pixel_values)
@@ -209,12 +194,7 @@ def test_untied_output_projection_missing_from_checkpoint_warns(tmp_path, caplog
     open_clip_vision_to_hf(clip_model.visual, register_tiny_open_clip()).save_pretrained(tmp_path / "vision_model")
     save_openflamingo_checkpoint(oracle, tmp_path / "checkpoint.pt")
     with caplog.at_level(logging.WARNING):
-        model, _, _ = convert_openflamingo_checkpoint(
-            tmp_path / "checkpoint.pt",
-            vision_model=tmp_path / "vision_model",
-            language_model=tmp_path / "language_model",
-            tokenizer=tmp_path / "tokenizer",
-        )
+        model, _, _ = convert_files(tmp_path)
     assert "holds no output-projection weights (`language_model.lm_head.weight`)" in caplog.text
     input_ids, attention_mask, pixel_values = _batch(oracle_tokenizer)
     expected = _oracle_logits(oracle, input_ids, attention_mask, pixel_values)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conversion_fixtures import FAMILIES, prepare_openflamingo_files
+from conversion_fixtures import FAMILIES, convert_files, prepare_openflamingo_files
 from transformers import AutoModelForImageTextToText
 
 from hf_flamingo.conversion.openflamingo import (
@@ -19,7 +19,6 @@ from hf_flamingo.conversion.openflamingo import (
     write_directory_atomically,
 )
 from hf_flamingo.conversion.openflamingo_to_hf import (
-    convert_openflamingo_checkpoint,
     model_card,
     push_converted_model,
     resolve_checkpoint,
@@ -77,12 +76,7 @@ def test_cli_converts_and_refuses_to_overwrite(files, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(output_dir)
     assert model.config.cross_attn_every_n_layers == 1
     assert type(model.language_model).__name__ == "MosaicGPTForCausalLM"
-    reference, _, _ = convert_openflamingo_checkpoint(
-        files / "checkpoint.pt",
-        vision_model=files / "vision_model",
-        language_model=files / "language_model",
-        tokenizer=files / "tokenizer",
-    )
+    reference, _, _ = convert_files(files)
     expected_state = reference.state_dict()
     assert model.state_dict().keys() == expected_state.keys()
     for name, value in model.state_dict().items():
@@ -129,13 +123,7 @@ def test_cli_checkpoint_of_the_wrong_release(files, tmp_path):
 
 def test_wrong_interval_is_refused(files):
     with pytest.raises(CheckpointError, match="every 1 layers .* not every 2"):
-        convert_openflamingo_checkpoint(
-            files / "checkpoint.pt",
-            vision_model=files / "vision_model",
-            language_model=files / "language_model",
-            tokenizer=files / "tokenizer",
-            cross_attn_every_n_layers=2,
-        )
+        convert_files(files, cross_attn_every_n_layers=2)
 
 
 def test_truncated_checkpoint(files, tmp_path):
@@ -222,24 +210,13 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
 
 
 def test_dtype_and_sharded_output(files, tmp_path):
-    model, processor, report = convert_openflamingo_checkpoint(
-        files / "checkpoint.pt",
-        vision_model=files / "vision_model",
-        language_model=files / "language_model",
-        tokenizer=files / "tokenizer",
-        dtype="bfloat16",
-    )
+    model, processor, report = convert_files(files, dtype="bfloat16")
     card = model_card(model, report, release=None, vision_model="tiny", language_model="tiny")
     output_dir = save_converted_model(model, processor, tmp_path / "bf16", card=card, max_shard_size="200KB")
     shards = sorted(p.name for p in output_dir.glob("model-*.safetensors"))
     assert len(shards) > 1 and (output_dir / "model.safetensors.index.json").is_file()
     reloaded = AutoModelForImageTextToText.from_pretrained(output_dir)
-    reference, _, _ = convert_openflamingo_checkpoint(
-        files / "checkpoint.pt",
-        vision_model=files / "vision_model",
-        language_model=files / "language_model",
-        tokenizer=files / "tokenizer",
-    )
+    reference, _, _ = convert_files(files)
     expected = reference.state_dict()
     for name, value in reloaded.state_dict().items():
         assert value.dtype == torch.bfloat16, name

@@ -136,22 +136,13 @@ def test_saved_processor_loads_with_remote_code_without_the_package(tmp_path, ti
 
 def test_converted_openflamingo_directory_loads_with_remote_code_without_the_package(tmp_path):
     """A converted OpenFlamingo-3B-style model (MosaicGPT LM, FlamingoImageProcessor) runs from its own code files."""
-    from conversion_fixtures import FAMILIES, prepare_openflamingo_files
+    from conversion_fixtures import FAMILIES, convert_files, prepare_openflamingo_files
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from hf_flamingo.conversion.openflamingo_to_hf import (
-        convert_openflamingo_checkpoint,
-        model_card,
-        save_converted_model,
-    )
+    from hf_flamingo.conversion.openflamingo_to_hf import model_card, save_converted_model
 
     prepare_openflamingo_files(FAMILIES["mosaic_gpt"], tmp_path)
-    model, processor, report = convert_openflamingo_checkpoint(
-        tmp_path / "checkpoint.pt",
-        vision_model=tmp_path / "vision_model",
-        language_model=tmp_path / "language_model",
-        tokenizer=tmp_path / "tokenizer",
-    )
+    model, processor, report = convert_files(tmp_path)
     card = model_card(model, report, release=None, vision_model="tiny", language_model="tiny")
     directory = save_converted_model(model, processor, tmp_path / "converted", card=card)
     assert {"image_processing_flamingo.py", "processing_flamingo.py"} | CODE_FILES <= {

@@ -18,6 +18,7 @@ from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
 from ..configuration_mosaic_gpt import MosaicGPTConfig
 from ..modeling_mosaic_gpt import MosaicGPTForCausalLM, alibi_slopes
+from ._checks import format_keys, key_set_problems
 
 _EMBEDDING = "transformer.wte.weight"
 _LM_HEAD = "lm_head.weight"
@@ -58,11 +59,6 @@ def _expected_shapes(config: MosaicGPTConfig) -> dict[str, torch.Size]:
     return {key: tensor.shape for key, tensor in model.state_dict().items() if key != _LM_HEAD}
 
 
-def _format_keys(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def mosaic_gpt_state_dict_from_remote_code(
     state_dict: Mapping[str, torch.Tensor], config: MosaicGPTConfig | None = None
 ) -> dict[str, torch.Tensor]:
@@ -95,22 +91,9 @@ def mosaic_gpt_state_dict_from_remote_code(
             )
 
     expected = _expected_shapes(config if config is not None else _infer_config(state_dict))
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    mismatched = sorted(
-        f"{key} {tuple(state_dict[key].shape)} (expected {tuple(shape)})"
-        for key, shape in expected.items()
-        if key in state_dict and state_dict[key].shape != shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_format_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_format_keys(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches: {_format_keys(mismatched)}")
+    problems = key_set_problems({key: value.shape for key, value in state_dict.items()}, expected)
     if problems:
-        raise ValueError("The state dict does not fit the MosaicGPT layout; " + "; ".join(problems) + ".")
+        raise ValueError("The state dict does not fit the MosaicGPT layout. " + ". ".join(problems) + ".")
     return {key: state_dict[key] for key in expected}
 
 
@@ -172,7 +155,7 @@ def mosaic_gpt_to_mpt(
         problems.append(f"dropout {dropouts} (MPT places its dropouts differently; set them to 0)")
     nonzero_biases = [key for key, tensor in state_dict.items() if key.endswith(".bias") and tensor.any()]
     if nonzero_biases:
-        problems.append(f"non-zero biases (MPT has none): {_format_keys(nonzero_biases)}")
+        problems.append(f"non-zero biases (MPT has none): {format_keys(nonzero_biases)}")
     if problems:
         raise ValueError("This MosaicGPT cannot be converted to transformers' MptForCausalLM: " + "; ".join(problems))
 

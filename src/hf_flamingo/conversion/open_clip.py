@@ -43,6 +43,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithP
 from transformers.image_utils import PILImageResampling
 
 from ..image_processing_flamingo import FlamingoImageProcessor
+from ._checks import key_set_problems
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
@@ -286,11 +287,6 @@ def _tower_prefix(model_class: type) -> str:
     return next(key for key in keys if key.endswith(anchor))[: -len(anchor)]
 
 
-def _list_keys(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def convert_open_clip_vision_state_dict(
     state_dict: Mapping[str, Tensor],
     config: CLIPVisionConfig,
@@ -349,28 +345,17 @@ def convert_open_clip_vision_state_dict(
     proj_shape = (config.hidden_size, config.projection_dim)
     sub = {key[len(prefix) :]: state_dict[key] for key in keys if key.startswith(prefix)}
 
-    missing = sorted(prefix + k for k in shapes if k not in sub)
-    if include_projection and "proj" not in sub:
-        missing.append(prefix + "proj")
-    unexpected = sorted(prefix + k for k in sub if k not in shapes and k != "proj")
-    wrong = [
-        f"{prefix + k}: expected {tuple(expected)}, got {tuple(sub[k].shape)}"
-        for k, expected in list(shapes.items()) + [("proj", proj_shape)]
-        if k in sub and tuple(sub[k].shape) != tuple(expected)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"Missing keys: {_list_keys(missing)}")
-        if unexpected:
-            parts.append(f"Unexpected keys: {_list_keys(unexpected)}")
-        if wrong:
-            parts.append(f"Wrong shapes: {_list_keys(wrong)}")
+    if include_projection or "proj" in sub:
+        shapes = {**shapes, "proj": proj_shape}  # `proj` is optional unless it is asked for
+    problems = key_set_problems(
+        {prefix + k: v.shape for k, v in sub.items()}, {prefix + k: shape for k, shape in shapes.items()}
+    )
+    if problems:
         raise ValueError(
             f"The open_clip vision state dict (prefix {prefix!r}) does not match the CLIPVisionConfig "
             f"(hidden_size={config.hidden_size}, num_hidden_layers={config.num_hidden_layers}, "
             f"intermediate_size={config.intermediate_size}, image_size={config.image_size}, "
-            f"patch_size={config.patch_size}). " + ". ".join(parts) + "."
+            f"patch_size={config.patch_size}). " + ". ".join(problems) + "."
         )
 
     def copy(tensor: Tensor) -> Tensor:

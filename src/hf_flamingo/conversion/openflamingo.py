@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from transformers import PreTrainedModel
 
 from ..configuration_flamingo import FlamingoConfig
 from ..modeling_flamingo import FlamingoForConditionalGeneration
+from ._checks import format_keys
+from .releases import OpenFlamingoRelease
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +240,7 @@ def map_openflamingo_state_dict(
     if unexpected:
         raise CheckpointError(
             f"{len(unexpected)} checkpoint keys belong to no part of an OpenFlamingo model whose language model keeps "
-            f"its decoder layers at `{decoder_layers_path}` (e.g. {unexpected[:5]}). Is the checkpoint from a "
+            f"its decoder layers at `{decoder_layers_path}`: {format_keys(unexpected, 5)}. Is the checkpoint from a "
             "different release or language model?"
         )
     for alias, canonical in aliases.items():
@@ -366,7 +368,7 @@ def load_openflamingo_weights(
     unexpected = sorted(k for k in target if k not in model_keys)
     if unexpected:
         raise CheckpointError(
-            f"{len(unexpected)} checkpoint weights have no place in the model (e.g. {unexpected[:5]}). Is the "
+            f"{len(unexpected)} checkpoint weights have no place in the model: {format_keys(unexpected, 5)}. Is the "
             "checkpoint from a different release or language model?"
         )
     mismatched = [
@@ -376,21 +378,23 @@ def load_openflamingo_weights(
     ]
     if mismatched:
         raise CheckpointError(
-            f"{len(mismatched)} checkpoint weights have the wrong shape for this model: {mismatched[:5]}. Is the "
-            "checkpoint from a different release, language model or tokenizer?"
+            f"{len(mismatched)} checkpoint weights have the wrong shape for this model: {format_keys(mismatched, 5)}. "
+            "Is the checkpoint from a different release, language model or tokenizer?"
         )
     missing_bridge = sorted(
         k for k in model_keys if k.startswith(("perceiver.", "gated_cross_attn_layers.")) and k not in target
     )
     if missing_bridge:
         raise CheckpointError(
-            f"The checkpoint lacks {len(missing_bridge)} Perceiver Resampler / cross-attention weights of the model "
-            f"(e.g. {missing_bridge[:5]}); it is truncated or from a differently configured model."
+            f"The checkpoint lacks {len(missing_bridge)} Perceiver Resampler / cross-attention weights of the model: "
+            f"{format_keys(missing_bridge, 5)}; it is truncated or from a differently configured model."
         )
     backbone_keys = sorted(k for k in model_keys if k not in target)
     not_backbone = [k for k in backbone_keys if not k.startswith(("vision_model.", "language_model."))]
     if not_backbone:
-        raise CheckpointError(f"Model weights {not_backbone[:5]} are neither in the checkpoint nor in a backbone.")
+        raise CheckpointError(
+            f"Model weights {format_keys(not_backbone, 5)} are neither in the checkpoint nor in a backbone."
+        )
     _warn_untrained_output_rows(model, target)
 
     if load:
@@ -447,7 +451,7 @@ def _convert_vision_encoder(
 # Release checks without weights
 
 
-def release_flamingo_config(release: Any) -> FlamingoConfig:
+def release_flamingo_config(release: OpenFlamingoRelease) -> FlamingoConfig:
     """The [`FlamingoConfig`] of a release, built from its architecture facts (no downloads)."""
     text_config = release.text_config()
     text_config.vocab_size = release.vocab_size
@@ -462,7 +466,9 @@ def release_flamingo_config(release: Any) -> FlamingoConfig:
     )
 
 
-def check_checkpoint_against_release(state_dict: Mapping[str, torch.Tensor], release: Any) -> ConversionReport:
+def check_checkpoint_against_release(
+    state_dict: Mapping[str, torch.Tensor], release: OpenFlamingoRelease
+) -> ConversionReport:
     """Validates a checkpoint's keys and shapes against a release on the meta device (no weights are allocated).
 
     Raises:
@@ -483,7 +489,9 @@ def check_checkpoint_against_release(state_dict: Mapping[str, torch.Tensor], rel
 # Writing
 
 
-def write_directory_atomically(output_dir: str | os.PathLike, write: Any, *, overwrite: bool = False) -> Path:
+def write_directory_atomically(
+    output_dir: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False
+) -> Path:
     """Runs `write(tmp_dir)` in a temporary sibling directory, then moves it to `output_dir`.
 
     An interrupted or failing `write` leaves no `output_dir` behind (and an existing one untouched).
