@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from transformers import CLIPVisionConfig, GPTNeoXConfig, MptConfig, PretrainedConfig
 
@@ -78,37 +79,44 @@ def _mpt_7b_config() -> PretrainedConfig:
     )
 
 
+_NEOX_SPECIAL_IDS = {"<|endofchunk|>": 50277, "<image>": 50278, "<PAD>": 50279}
+
+
 @dataclass(frozen=True)
 class OpenFlamingoRelease:
     """One released OpenFlamingo v2 model.
 
     Attributes:
-        name: Release name, e.g. `"OpenFlamingo-3B-vitl-mpt1b"`.
-        repo_id: Hub repository holding its `checkpoint.pt`.
-        vision_model: Hub id of the (frozen) vision tower.
+        name: Release name, e.g. `"OpenFlamingo-3B-vitl-mpt1b"`; its checkpoint is in the Hub repository
+            `openflamingo/<name>`.
         language_model: Hub id of the (frozen) language model; OpenFlamingo also loads the tokenizer from it.
-        language_model_revision: Revision of `language_model` the release was trained with, when recorded.
         cross_attn_every_n_layers: Placement of the gated cross-attention blocks.
         checkpoint_layout: `"trainable"` (perceiver, cross-attention and input embeddings, DDP training) or
             `"full_language_model"` (additionally every language-model weight, FSDP training).
-        vocab_size: Rows of the resized embedding matrices (`len(tokenizer)` after adding the special tokens).
-        special_token_ids: Expected ids of `<|endofchunk|>`, `<image>` and `<PAD>`.
         text_config_factory: Builds the language model's architecture (used to check a checkpoint against the release
             without downloading anything; a real conversion uses the language model's own `config.json`).
         model_card_notes: Facts about the release repeated in the converted model card.
+        vision_model: Hub id of the (frozen) vision tower.
+        language_model_revision: Revision of `language_model` the release was trained with, when recorded.
+        vocab_size: Rows of the resized embedding matrices (`len(tokenizer)` after adding the special tokens).
+        special_token_ids: Ids of `<|endofchunk|>`, `<image>` and `<PAD>` in the release's tokenizer.
     """
 
     name: str
-    repo_id: str
-    vision_model: str
     language_model: str
-    language_model_revision: str | None
     cross_attn_every_n_layers: int
     checkpoint_layout: CheckpointLayout
-    vocab_size: int
-    special_token_ids: dict[str, int]
-    text_config_factory: Any = field(repr=False)
+    text_config_factory: Callable[[], PretrainedConfig] = field(repr=False)
     model_card_notes: str = ""
+    vision_model: str = CLIP_VIT_L_14
+    language_model_revision: str | None = None
+    vocab_size: int = 50280
+    special_token_ids: dict[str, int] = field(default_factory=lambda: dict(_NEOX_SPECIAL_IDS))
+
+    @property
+    def repo_id(self) -> str:
+        """Hub repository holding the release's `checkpoint.pt`."""
+        return f"openflamingo/{self.name}"
 
     @property
     def tokenizer(self) -> str:
@@ -124,77 +132,50 @@ class OpenFlamingoRelease:
         return clip_vit_l_14_vision_config()
 
 
-_NEOX_SPECIAL_IDS = {"<|endofchunk|>": 50277, "<image>": 50278, "<PAD>": 50279}
+_OPENFLAMINGO_3B = OpenFlamingoRelease(
+    name="OpenFlamingo-3B-vitl-mpt1b",
+    language_model="anas-awadalla/mpt-1b-redpajama-200b",
+    cross_attn_every_n_layers=1,
+    checkpoint_layout="trainable",
+    text_config_factory=_mosaic_gpt_1b_config,
+    model_card_notes="Language model: MosaicGPT-1B (RedPajama, 200B tokens), run by hf_flamingo's native MosaicGPT "
+    "port. Trained with DDP in fp32.",
+)
+_OPENFLAMINGO_4B = OpenFlamingoRelease(
+    name="OpenFlamingo-4B-vitl-rpj3b",
+    language_model="togethercomputer/RedPajama-INCITE-Base-3B-v1",
+    cross_attn_every_n_layers=2,
+    checkpoint_layout="full_language_model",
+    text_config_factory=_redpajama_3b_config,
+    model_card_notes="Language model: RedPajama-INCITE-Base-3B (GPT-NeoX). Trained with FSDP in fp32 with frozen "
+    "embeddings; the checkpoint holds the whole language model.",
+)
 
 OPENFLAMINGO_RELEASES: dict[str, OpenFlamingoRelease] = {
     release.name: release
     for release in (
-        OpenFlamingoRelease(
-            name="OpenFlamingo-3B-vitl-mpt1b",
-            repo_id="openflamingo/OpenFlamingo-3B-vitl-mpt1b",
-            vision_model=CLIP_VIT_L_14,
-            language_model="anas-awadalla/mpt-1b-redpajama-200b",
-            language_model_revision=None,
-            cross_attn_every_n_layers=1,
-            checkpoint_layout="trainable",
-            vocab_size=50280,
-            special_token_ids=_NEOX_SPECIAL_IDS,
-            text_config_factory=_mosaic_gpt_1b_config,
-            model_card_notes="Language model: MosaicGPT-1B (RedPajama, 200B tokens), run by hf_flamingo's native "
-            "MosaicGPT port. Trained with DDP in fp32.",
-        ),
-        OpenFlamingoRelease(
+        _OPENFLAMINGO_3B,
+        replace(
+            _OPENFLAMINGO_3B,
             name="OpenFlamingo-3B-vitl-mpt1b-langinstruct",
-            repo_id="openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct",
-            vision_model=CLIP_VIT_L_14,
             language_model="anas-awadalla/mpt-1b-redpajama-200b-dolly",
-            language_model_revision=None,
-            cross_attn_every_n_layers=1,
-            checkpoint_layout="trainable",
-            vocab_size=50280,
-            special_token_ids=_NEOX_SPECIAL_IDS,
-            text_config_factory=_mosaic_gpt_1b_config,
             model_card_notes="Language model: MosaicGPT-1B instruction-tuned on Dolly, run by hf_flamingo's native "
             "MosaicGPT port. Trained with DDP in fp32.",
         ),
-        OpenFlamingoRelease(
-            name="OpenFlamingo-4B-vitl-rpj3b",
-            repo_id="openflamingo/OpenFlamingo-4B-vitl-rpj3b",
-            vision_model=CLIP_VIT_L_14,
-            language_model="togethercomputer/RedPajama-INCITE-Base-3B-v1",
-            language_model_revision=None,
-            cross_attn_every_n_layers=2,
-            checkpoint_layout="full_language_model",
-            vocab_size=50280,
-            special_token_ids=_NEOX_SPECIAL_IDS,
-            text_config_factory=_redpajama_3b_config,
-            model_card_notes="Language model: RedPajama-INCITE-Base-3B (GPT-NeoX). Trained with FSDP in fp32 with "
-            "frozen embeddings; the checkpoint holds the whole language model.",
-        ),
-        OpenFlamingoRelease(
+        _OPENFLAMINGO_4B,
+        replace(
+            _OPENFLAMINGO_4B,
             name="OpenFlamingo-4B-vitl-rpj3b-langinstruct",
-            repo_id="openflamingo/OpenFlamingo-4B-vitl-rpj3b-langinstruct",
-            vision_model=CLIP_VIT_L_14,
             language_model="togethercomputer/RedPajama-INCITE-Instruct-3B-v1",
-            language_model_revision=None,
-            cross_attn_every_n_layers=2,
-            checkpoint_layout="full_language_model",
-            vocab_size=50280,
-            special_token_ids=_NEOX_SPECIAL_IDS,
-            text_config_factory=_redpajama_3b_config,
             model_card_notes="Language model: RedPajama-INCITE-Instruct-3B (GPT-NeoX). Trained with FSDP in fp32 "
             "with frozen embeddings; the checkpoint holds the whole language model.",
         ),
         OpenFlamingoRelease(
             name="OpenFlamingo-9B-vitl-mpt7b",
-            repo_id="openflamingo/OpenFlamingo-9B-vitl-mpt7b",
-            vision_model=CLIP_VIT_L_14,
             language_model="anas-awadalla/mpt-7b",
             language_model_revision="68e1a8e0ebb9b30f3c45c1ef6195980f29063ae2",
             cross_attn_every_n_layers=4,
             checkpoint_layout="trainable",
-            vocab_size=50280,
-            special_token_ids=_NEOX_SPECIAL_IDS,
             text_config_factory=_mpt_7b_config,
             model_card_notes="Language model: MPT-7B, run by transformers' native `MptForCausalLM`. Trained with DDP "
             "under bf16 autocast.",
