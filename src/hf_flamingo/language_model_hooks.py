@@ -31,24 +31,31 @@ class CrossAttentionConditioning:
             The gated cross-attention block, looked up when the forward pass starts (so that a block replaced after
             construction, e.g. by PEFT's `modules_to_save`, is the one that runs).
         media (`torch.Tensor` of shape `(batch_size, num_images * num_latents, vision_hidden_size)`, *optional*):
-            Flattened image latents from the Perceiver Resampler; `None` when no token has an image to attend to.
-        attention_bias (`torch.Tensor` of shape `(batch_size, 1, seq_len, num_images * num_latents)`, *optional*):
-            Additive mask selecting, for every text token, the latents it may attend to.
+            Flattened image latents from the Perceiver Resampler, projected to keys and values by the block; `None`
+            when no token has an image to attend to or when `key_values` are given.
+        attention_bias (`torch.Tensor` of shape `(batch_size, 1, seq_len, num_keys)`, *optional*):
+            Additive mask selecting, for every text token, the keys it may attend to; `None` when all are allowed.
         media_rows (`torch.Tensor` of shape `(batch_size, seq_len, 1)`, *optional*):
             `True` for tokens that have an image to attend to; the others get exactly zero attention output.
+        key_values (`torch.Tensor` of shape `(batch_size, num_keys, 2 * heads * head_dim)`, *optional*):
+            The block's keys and values, precomputed (e.g. once per `generate` call).
     """
 
     block: nn.Module
     media: torch.Tensor | None = None
     attention_bias: torch.Tensor | None = None
     media_rows: torch.Tensor | None = None
+    key_values: torch.Tensor | None = None
 
     def apply(self, hidden_states: torch.Tensor) -> torch.Tensor:
         device = hidden_states.device
-        media = _to_device(self.media, device)
-        attention_bias = _to_device(self.attention_bias, device)
-        media_rows = _to_device(self.media_rows, device)
-        output = self.block(hidden_states, media, attention_bias, media_rows)
+        output = self.block(
+            hidden_states,
+            _to_device(self.media, device),
+            _to_device(self.attention_bias, device),
+            _to_device(self.media_rows, device),
+            _to_device(self.key_values, device),
+        )
         return output.to(device=device, dtype=hidden_states.dtype)
 
 

@@ -51,6 +51,9 @@ class FlamingoCausalLMOutputWithPast(ModelOutput):
         image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, vision_hidden_size)`, *optional*):
             The Perceiver Resampler's output for the images of this call; pass it back as `image_hidden_states` to
             skip re-encoding the images.
+        cross_attention_states (`torch.FloatTensor` of shape `(batch_size, num_blocks, num_keys, 2 * xattn_heads * xattn_dim_head)`, *optional*, returned when `cross_attention_states` was given):
+            The keys and values that tokens continuing from this call's cache attend to (with
+            `only_attend_immediate_media`, only each sample's last image); `generate` feeds them to the next step.
     """
 
     loss: torch.FloatTensor | None = None
@@ -59,6 +62,7 @@ class FlamingoCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+    cross_attention_states: torch.FloatTensor | None = None
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -191,20 +195,21 @@ class FlamingoMaskedCrossAttention(nn.Module):
         self.to_out = nn.Linear(inner_dim, dim, bias=False)
 
     def forward(
-        self, hidden_states: torch.Tensor, media: torch.Tensor, attention_bias: torch.Tensor | None = None
+        self, hidden_states: torch.Tensor, key_values: torch.Tensor, attention_bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """
         Args:
             hidden_states (`torch.Tensor` of shape `(batch, seq_len, dim)`): Text hidden states.
-            media (`torch.Tensor` of shape `(batch, num_images * num_latents, dim_visual)`): Image latents.
-            attention_bias (`torch.Tensor` of shape `(batch, 1, seq_len, num_images * num_latents)`, *optional*):
-                Additive mask (0 where allowed, the dtype's minimum elsewhere).
+            key_values (`torch.Tensor` of shape `(batch, num_keys, 2 * heads * dim_head)`): `to_kv` of the image
+                latents the tokens may attend to (keys, then values).
+            attention_bias (`torch.Tensor` of shape `(batch, 1, seq_len, num_keys)`, *optional*):
+                Additive mask (0 where allowed, the dtype's minimum elsewhere); `None` when every key is allowed.
 
         Returns:
             `torch.Tensor` of shape `(batch, seq_len, dim)`.
         """
         query = _split_heads(self.to_q(self.norm(hidden_states)), self.heads)
-        key, value = self.to_kv(media).chunk(2, dim=-1)
+        key, value = key_values.chunk(2, dim=-1)
         attended = F.scaled_dot_product_attention(
             query,
             _split_heads(key, self.heads),
@@ -231,26 +236,43 @@ class FlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
         self.ff = FlamingoFeedForward(dim, config.xattn_ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
+    def key_values(self, media: torch.Tensor) -> torch.Tensor:
+        """Projects image latents to this block's cross-attention keys and values.
+
+        Args:
+            media (`torch.Tensor` of shape `(batch, num_keys, vision_hidden_size)`): Image latents.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, num_keys, 2 * xattn_heads * xattn_dim_head)`: keys, then values.
+        """
+        return self.attn.to_kv(media.to(self.attn.to_kv.weight.dtype))
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         media: torch.Tensor | None = None,
         attention_bias: torch.Tensor | None = None,
         media_rows: torch.Tensor | None = None,
+        key_values: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             hidden_states (`torch.Tensor` of shape `(batch, seq_len, dim)`): Input of the decoder layer.
-            media (`torch.Tensor` of shape `(batch, num_images * num_latents, dim_visual)`, *optional*):
-                Image latents; `None` when no token attends to an image (only the feed-forward branch runs).
-            attention_bias (`torch.Tensor` of shape `(batch, 1, seq_len, num_images * num_latents)`, *optional*):
-                Additive cross-attention mask.
+            media (`torch.Tensor` of shape `(batch, num_images * num_latents, vision_hidden_size)`, *optional*):
+                Image latents; `None` (with `key_values` `None`) when no token attends to an image: then only the
+                feed-forward branch runs.
+            attention_bias (`torch.Tensor` of shape `(batch, 1, seq_len, num_keys)`, *optional*):
+                Additive cross-attention mask; `None` when every key is allowed.
             media_rows (`torch.Tensor` of shape `(batch, seq_len, 1)`, *optional*):
                 `False` for tokens with no preceding image, whose attention output is set to exactly 0.
+            key_values (`torch.Tensor` of shape `(batch, num_keys, 2 * xattn_heads * xattn_dim_head)`, *optional*):
+                Precomputed [`~FlamingoGatedCrossAttentionBlock.key_values`], used instead of projecting `media`.
         """
         hidden_states = hidden_states.to(self.attn_gate.dtype)
-        if media is not None:
-            attended = self.attn(hidden_states, media.to(hidden_states.dtype), attention_bias)
+        if key_values is None and media is not None:
+            key_values = self.key_values(media)
+        if key_values is not None:
+            attended = self.attn(hidden_states, key_values.to(hidden_states.dtype), attention_bias)
             if media_rows is not None:
                 attended = torch.where(media_rows, attended, torch.zeros_like(attended))
             hidden_states = hidden_states + self.attn_gate.tanh() * attended
@@ -632,20 +654,71 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             )
         return text_time
 
+    def get_cross_attention_states(self, image_hidden_states: torch.FloatTensor) -> torch.FloatTensor:
+        """Projects image latents to every gated block's cross-attention keys and values, once.
+
+        `generate` calls this before expanding the batch for beams, so each block's keys and values are computed once
+        per sample and call instead of at every decoding step.
+
+        Args:
+            image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, vision_hidden_size)`):
+                Perceiver Resampler outputs.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, num_blocks, num_images * num_latents, 2 * xattn_heads *
+            xattn_dim_head)`, blocks in the order of `gated_cross_attn_layers`.
+        """
+        batch, num_images, num_latents, dim = image_hidden_states.shape
+        media = image_hidden_states.reshape(batch, num_images * num_latents, dim)
+        return torch.stack([block.key_values(media) for block in self.gated_cross_attn_layers.values()], dim=1)
+
     def _conditioning(
-        self, image_hidden_states: torch.Tensor | None, text_time: torch.LongTensor
-    ) -> dict[int, CrossAttentionConditioning]:
-        media = attention_bias = media_rows = None
-        if image_hidden_states is not None and bool((text_time > 0).any()):
+        self,
+        image_hidden_states: torch.Tensor | None,
+        text_time: torch.LongTensor,
+        cross_attention_states: torch.Tensor | None,
+        continuing_from_cache: bool,
+    ) -> tuple[dict[int, CrossAttentionConditioning], torch.Tensor | None]:
+        """Per-block conditioning for one forward, and the keys/values for tokens continuing from its cache."""
+        blocks = self.gated_cross_attn_layers
+        immediate = self.config.only_attend_immediate_media
+        num_latents = self.config.perceiver_num_latents
+        next_states = cross_attention_states
+        if cross_attention_states is not None and immediate and cross_attention_states.shape[2] != num_latents:
+            # Later tokens attend only to each sample's last prompt image: keep just its keys and values.
+            next_states = _select_image(cross_attention_states, text_time[:, -1], num_latents)
+        if not bool((text_time > 0).any()):
+            return {int(index): CrossAttentionConditioning(block) for index, block in blocks.items()}, next_states
+
+        if cross_attention_states is None:
             batch, num_images, num_latents, dim = image_hidden_states.shape
             media = image_hidden_states.reshape(batch, num_images * num_latents, dim)
             attention_bias, media_rows = build_cross_attention_mask(
-                text_time, num_images, num_latents, self.config.only_attend_immediate_media, media.dtype
+                text_time, num_images, num_latents, immediate, media.dtype
+            )
+            return {
+                int(index): CrossAttentionConditioning(block, media, attention_bias, media_rows)
+                for index, block in blocks.items()
+            }, None
+
+        if cross_attention_states.shape[1] != len(blocks):
+            raise ValueError(
+                f"`cross_attention_states` holds keys/values for {cross_attention_states.shape[1]} blocks, the model "
+                f"has {len(blocks)}."
+            )
+        if continuing_from_cache and immediate:
+            # No mask: every continuing token attends to exactly the selected image (or to nothing, zeroed).
+            states, attention_bias, media_rows = next_states, None, (text_time > 0).unsqueeze(-1)
+        else:
+            states = cross_attention_states
+            num_images = states.shape[2] // num_latents
+            attention_bias, media_rows = build_cross_attention_mask(
+                text_time, num_images, num_latents, immediate, states.dtype
             )
         return {
-            int(index): CrossAttentionConditioning(block, media, attention_bias, media_rows)
-            for index, block in self.gated_cross_attn_layers.items()
-        }
+            int(index): CrossAttentionConditioning(block, None, attention_bias, media_rows, states[:, position])
+            for position, (index, block) in enumerate(blocks.items())
+        }, next_states
 
     # ----------------------------------------------------------------------------------------------------------------
     # Forward and generation
@@ -661,6 +734,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         use_cache: bool | None = None,
         position_ids: torch.LongTensor | None = None,
         last_image_index: torch.LongTensor | None = None,
+        cross_attention_states: torch.FloatTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
         **kwargs: Any,
@@ -688,6 +762,10 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             last_image_index (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Number of `<image>` tokens in each sample's prompt. Tokens continuing from a cache attend to that
                 image, and `<image>` tokens after the prompt do not start a new image. `generate` sets it.
+            cross_attention_states (`torch.FloatTensor` of shape `(batch_size, num_blocks, num_keys, 2 * xattn_heads * xattn_dim_head)`, *optional*):
+                Precomputed keys and values of every gated block ([`~FlamingoForConditionalGeneration.get_cross_attention_states`]
+                of `image_hidden_states`, or `outputs.cross_attention_states` of the previous call), so the blocks skip
+                projecting the image latents. Given together with the images; `generate` manages it.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 Compute logits only for the last `logits_to_keep` positions (0: all), as transformers' causal LMs
                 do; `generate` uses it to skip the prompt's logits.
@@ -720,7 +798,10 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
 
         if self._language_model_takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
-        self._lm_hooks.set_conditioning(self._conditioning(image_hidden_states, text_time))
+        conditioning, next_cross_attention_states = self._conditioning(
+            image_hidden_states, text_time, cross_attention_states, continuing_from_cache=past_length > 0
+        )
+        self._lm_hooks.set_conditioning(conditioning)
         try:
             lm_outputs = self.language_model(
                 input_ids=input_ids,
@@ -748,6 +829,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             hidden_states=lm_outputs.get("hidden_states"),
             attentions=lm_outputs.get("attentions"),
             image_hidden_states=image_hidden_states,
+            cross_attention_states=next_cross_attention_states,
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
@@ -789,9 +871,31 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 has_images=image_hidden_states is not None,
             )
             kwargs["last_image_index"] = prompt_image_index[:, -1]
+        if image_hidden_states is not None and kwargs.get("cross_attention_states") is None:
+            # Once per sample, before the batch is expanded for beams / `num_return_sequences`.
+            kwargs["cross_attention_states"] = self.get_cross_attention_states(image_hidden_states)
         return super().generate(
             input_ids, attention_mask=attention_mask, image_hidden_states=image_hidden_states, **kwargs
         )
+
+    def _update_model_kwargs_for_generation(
+        self, outputs: ModelOutput, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if getattr(outputs, "cross_attention_states", None) is not None and outputs.past_key_values is not None:
+            # With a cache, only the keys/values the continuing tokens attend to are carried along (without one,
+            # every step re-reads the whole prompt and keeps needing all images).
+            model_kwargs["cross_attention_states"] = outputs.cross_attention_states
+        return model_kwargs
+
+
+def _select_image(states: torch.Tensor, image_index: torch.LongTensor, num_latents: int) -> torch.Tensor:
+    """`(batch, blocks, images * latents, width)` -> the keys/values of image `image_index` (1-based; 0: any, they
+    are unused) of each sample, `(batch, blocks, latents, width)`."""
+    batch, num_blocks, num_keys, width = states.shape
+    per_image = states.view(batch, num_blocks, num_keys // num_latents, num_latents, width)
+    index = (image_index.to(states.device) - 1).clamp(min=0)
+    return per_image[torch.arange(batch, device=states.device), :, index]
 
 
 def _causal_lm_from_config(text_config: PretrainedConfig) -> PreTrainedModel:
