@@ -164,3 +164,19 @@ def test_wrong_number_of_blocks_in_cross_attention_states():
             image_hidden_states=image_hidden_states,
             cross_attention_states=states,
         )
+
+
+def test_prompt_runs_once_per_sample_with_beams(model):
+    """With beams, the prompt is run once per sample and its cache copied per beam; decoding steps see one token."""
+    inputs = _inputs(model)
+    calls = []
+    handle = model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, num_beams=3, pad_token_id=0)
+    finally:
+        handle.remove()
+    prompt_length = inputs["input_ids"].shape[1]
+    assert calls == [(2, prompt_length - 1), (6, 1), (6, 1), (6, 1)]

@@ -678,6 +678,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         text_time: torch.LongTensor,
         cross_attention_states: torch.Tensor | None,
         continuing_from_cache: bool,
+        last_image_index: torch.LongTensor | None,
     ) -> tuple[dict[int, CrossAttentionConditioning], torch.Tensor | None]:
         """Per-block conditioning for one forward, and the keys/values for tokens continuing from its cache."""
         blocks = self.gated_cross_attn_layers
@@ -686,7 +687,8 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         next_states = cross_attention_states
         if cross_attention_states is not None and immediate and cross_attention_states.shape[2] != num_latents:
             # Later tokens attend only to each sample's last prompt image: keep just its keys and values.
-            next_states = _select_image(cross_attention_states, text_time[:, -1], num_latents)
+            continuing_image = text_time[:, -1] if last_image_index is None else last_image_index
+            next_states = _select_image(cross_attention_states, continuing_image, num_latents)
         if not bool((text_time > 0).any()):
             return {int(index): CrossAttentionConditioning(block) for index, block in blocks.items()}, next_states
 
@@ -799,7 +801,11 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         if self._language_model_takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         conditioning, next_cross_attention_states = self._conditioning(
-            image_hidden_states, text_time, cross_attention_states, continuing_from_cache=past_length > 0
+            image_hidden_states,
+            text_time,
+            cross_attention_states,
+            continuing_from_cache=past_length > 0,
+            last_image_index=last_image_index,
         )
         self._lm_hooks.set_conditioning(conditioning)
         try:
@@ -874,9 +880,74 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         if image_hidden_states is not None and kwargs.get("cross_attention_states") is None:
             # Once per sample, before the batch is expanded for beams / `num_return_sequences`.
             kwargs["cross_attention_states"] = self.get_cross_attention_states(image_hidden_states)
+        if self._can_prefill_before_expansion(input_ids, kwargs):
+            self._prefill_before_expansion(input_ids, attention_mask, image_hidden_states, kwargs)
         return super().generate(
             input_ids, attention_mask=attention_mask, image_hidden_states=image_hidden_states, **kwargs
         )
+
+    def _can_prefill_before_expansion(self, input_ids: torch.LongTensor, kwargs: dict[str, Any]) -> bool:
+        """Whether `generate` will copy each prompt (beams, `num_return_sequences`) and a plain cache can be shared."""
+        config = kwargs.get("generation_config") or self.generation_config
+        expand_size = max(
+            kwargs.get("num_beams", config.num_beams) or 1,
+            kwargs.get("num_return_sequences", config.num_return_sequences) or 1,
+        )
+        unsupported = (
+            "past_key_values",
+            "inputs_embeds",
+            "assistant_model",
+            "prompt_lookup_num_tokens",
+            "cache_implementation",
+            "output_attentions",
+            "output_hidden_states",
+        )
+        return (
+            expand_size > 1
+            and input_ids.shape[1] > 1
+            and kwargs.get("use_cache", config.use_cache) is not False
+            and config.cache_implementation is None
+            and not getattr(config, "output_attentions", False)
+            and not getattr(config, "output_hidden_states", False)
+            and not any(kwargs.get(name) for name in unsupported)
+        )
+
+    def _prefill_before_expansion(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        image_hidden_states: torch.FloatTensor | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Runs all but the last prompt token once per sample and hands `generate` a cache copied per beam, instead
+        of letting it run every copy of the prompt: the copies are identical, only the work is repeated."""
+        config = kwargs.get("generation_config") or self.generation_config
+        expand_size = max(
+            kwargs.get("num_beams", config.num_beams) or 1,
+            kwargs.get("num_return_sequences", config.num_return_sequences) or 1,
+        )
+        prefix_mask = None if attention_mask is None else attention_mask[:, :-1]
+        position_ids = None
+        if prefix_mask is not None and _accepts_argument(self.language_model, "position_ids"):
+            # The positions `generate` would give a left-padded prompt.
+            position_ids = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 1)
+        outputs = self(
+            input_ids=input_ids[:, :-1],
+            attention_mask=prefix_mask,
+            position_ids=position_ids,
+            image_hidden_states=image_hidden_states,
+            cross_attention_states=kwargs.get("cross_attention_states"),
+            last_image_index=kwargs["last_image_index"],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = outputs.past_key_values
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            return  # the language model has no shareable cache: let `generate` run the prompt itself
+        cache.batch_repeat_interleave(expand_size)
+        kwargs["past_key_values"] = cache
+        if outputs.cross_attention_states is not None:
+            kwargs["cross_attention_states"] = outputs.cross_attention_states
 
     def _update_model_kwargs_for_generation(
         self, outputs: ModelOutput, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
