@@ -711,6 +711,8 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         if continuing_from_cache and immediate:
             # No mask: every continuing token attends to exactly the selected image (or to nothing, zeroed).
             states, attention_bias, media_rows = next_states, None, (text_time > 0).unsqueeze(-1)
+            if bool(media_rows.all()):
+                media_rows = None  # nothing to zero
         else:
             states = cross_attention_states
             num_images = states.shape[2] // num_latents
