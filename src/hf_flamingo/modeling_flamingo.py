@@ -697,7 +697,14 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         """
         batch, num_images, num_latents, dim = image_hidden_states.shape
         media = image_hidden_states.reshape(batch, num_images * num_latents, dim)
-        return torch.stack([block.key_values(media) for block in self.gated_cross_attn_layers.values()], dim=1)
+        blocks = list(self.gated_cross_attn_layers.values())
+        width = 2 * self.config.xattn_heads * self.config.xattn_dim_head
+        dtype = blocks[0].attn.to_kv.weight.dtype if blocks else media.dtype
+        # Filled block by block, so that all blocks' keys/values never exist twice at once.
+        states = media.new_empty(batch, len(blocks), num_images * num_latents, width, dtype=dtype)
+        for position, block in enumerate(blocks):
+            states[:, position] = block.key_values(media)
+        return states
 
     def _conditioning(
         self,
