@@ -916,14 +916,16 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         if image_hidden_states is not None and kwargs.get("cross_attention_states") is None:
             # Once per sample, before the batch is expanded for beams / `num_return_sequences`.
             kwargs["cross_attention_states"] = self.get_cross_attention_states(image_hidden_states)
-        if self._can_prefill_before_expansion(input_ids, kwargs):
-            self._prefill_before_expansion(input_ids, attention_mask, image_hidden_states, kwargs)
+        prompt_copies = self._shareable_prompt_copies(input_ids, kwargs)
+        if prompt_copies > 1:
+            self._prefill_before_expansion(input_ids, attention_mask, image_hidden_states, prompt_copies, kwargs)
         return super().generate(
             input_ids, attention_mask=attention_mask, image_hidden_states=image_hidden_states, **kwargs
         )
 
-    def _can_prefill_before_expansion(self, input_ids: torch.LongTensor, kwargs: dict[str, Any]) -> bool:
-        """Whether `generate` will copy each prompt (beams, `num_return_sequences`) and a plain cache can be shared."""
+    def _shareable_prompt_copies(self, input_ids: torch.LongTensor, kwargs: dict[str, Any]) -> int:
+        """How many copies of each prompt `generate` will make (beams, `num_return_sequences`), when they could share
+        one prompt pass through a plain cache; 1 otherwise."""
         config = kwargs.get("generation_config") or self.generation_config
         expand_size = max(
             kwargs.get("num_beams", config.num_beams) or 1,
@@ -938,30 +940,26 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             "output_attentions",
             "output_hidden_states",
         )
-        return (
-            expand_size > 1
-            and input_ids.shape[1] > 1
+        shareable = (
+            input_ids.shape[1] > 1
             and kwargs.get("use_cache", config.use_cache) is not False
             and config.cache_implementation is None
             and not getattr(config, "output_attentions", False)
             and not getattr(config, "output_hidden_states", False)
             and not any(kwargs.get(name) for name in unsupported)
         )
+        return expand_size if shareable else 1
 
     def _prefill_before_expansion(
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None,
         image_hidden_states: torch.FloatTensor | None,
+        prompt_copies: int,
         kwargs: dict[str, Any],
     ) -> None:
-        """Runs all but the last prompt token once per sample and hands `generate` a cache copied per beam, instead
-        of letting it run every copy of the prompt: the copies are identical, only the work is repeated."""
-        config = kwargs.get("generation_config") or self.generation_config
-        expand_size = max(
-            kwargs.get("num_beams", config.num_beams) or 1,
-            kwargs.get("num_return_sequences", config.num_return_sequences) or 1,
-        )
+        """Runs all but the last prompt token once per sample and hands `generate` a cache copied `prompt_copies`
+        times, instead of letting it run every copy of the prompt: the copies are identical, only the work repeats."""
         prefix_mask = None if attention_mask is None else attention_mask[:, :-1]
         position_ids = None
         if prefix_mask is not None and _accepts_argument(self.language_model, "position_ids"):
@@ -980,7 +978,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         cache = outputs.past_key_values
         if cache is None or not hasattr(cache, "batch_repeat_interleave"):
             return  # the language model has no shareable cache: let `generate` run the prompt itself
-        cache.batch_repeat_interleave(expand_size)
+        cache.batch_repeat_interleave(prompt_copies)
         kwargs["past_key_values"] = cache
         if outputs.cross_attention_states is not None:
             kwargs["cross_attention_states"] = outputs.cross_attention_states
