@@ -14,6 +14,7 @@ from transformers import (
 
 from .configuration_flamingo import FlamingoConfig
 from .configuration_mosaic_gpt import MosaicGPTConfig
+from .data_collator import FlamingoDataCollator, build_flamingo_labels
 from .image_processing_flamingo import FlamingoImageProcessor
 from .modeling_flamingo import (
     FlamingoCausalLMOutputWithPast,
@@ -49,6 +50,7 @@ MosaicGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 __all__ = [
     "FlamingoCausalLMOutputWithPast",
     "FlamingoConfig",
+    "FlamingoDataCollator",
     "FlamingoForConditionalGeneration",
     "FlamingoImageProcessor",
     "FlamingoPreTrainedModel",
@@ -56,4 +58,5 @@ __all__ = [
     "MosaicGPTConfig",
     "MosaicGPTForCausalLM",
     "MosaicGPTModel",
+    "build_flamingo_labels",
 ]
