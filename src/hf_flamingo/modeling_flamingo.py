@@ -343,6 +343,13 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["FlamingoGatedCrossAttentionBlock", "FlamingoPerceiverLayer"]
     _skip_keys_device_placement = ["past_key_values"]
+    # Quantization (`from_pretrained(..., quantization_config=...)`): transformers 5 quantizers (bitsandbytes and the
+    # others) never convert the modules listed here, so only the language model's linears are quantized (its
+    # `lm_head` is kept by the quantizer's own default, through `get_output_embeddings`). Patterns are anchored at the
+    # start of module names. This attribute is the only skip mechanism every quantizer reads; its one other effect is
+    # that these modules load in float32 when `dtype=torch.float16` is requested (as BLIP-2's Q-Former), never for
+    # bfloat16 or float32. `_keep_in_fp32_modules_strict` (which also upcasts under bfloat16) is deliberately unused.
+    _keep_in_fp32_modules = ["vision_model", "perceiver", "gated_cross_attn_layers"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -496,7 +503,27 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         if tokenizer is not None and len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
         model.freeze_backbones()
+        from .quantization_utils import keep_4bit_layers_differentiable
+
+        keep_4bit_layers_differentiable(model)
         return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> FlamingoForConditionalGeneration:
+        """Loads a saved Flamingo, as [`~PreTrainedModel.from_pretrained`].
+
+        With a `quantization_config` (e.g. `BitsAndBytesConfig(load_in_4bit=True)`), or a checkpoint saved
+        quantized, only the language model's linear layers are quantized; the vision tower, the Perceiver Resampler,
+        the cross-attention blocks and `lm_head` keep the requested `dtype` (see `_keep_in_fp32_modules`). 4-bit
+        layers are kept differentiable after inference on CPUs with AVX512-BF16
+        ([`~hf_flamingo.quantization_utils.keep_4bit_layers_differentiable`]).
+        """
+        loaded = super().from_pretrained(*args, **kwargs)
+        from .quantization_utils import keep_4bit_layers_differentiable
+
+        # `output_loading_info=True` returns `(model, loading_info)`.
+        keep_4bit_layers_differentiable(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
 
     def freeze_backbones(self, train_new_token_embeddings: bool = False) -> None:
         """Makes only the Perceiver Resampler and the gated cross-attention blocks trainable (OpenFlamingo's recipe).
