@@ -108,3 +108,23 @@ def test_bad_inputs_fail_loudly(tiny_processor):
         FlamingoDataCollator(tiny_processor)([{"images": []}])
     with pytest.raises(ValueError, match="multiple of `pad_to_multiple_of`"):
         FlamingoDataCollator(tiny_processor, max_length=6, pad_to_multiple_of=4)
+
+
+def test_processed_features_give_the_same_batch(tiny_processor):
+    """Samples tokenized by the processor one by one (what `remove_unused_columns=True` keeps) collate identically."""
+    raw = _features()
+    processed = []
+    for feature in raw:
+        encoded = tiny_processor(images=[feature["images"]], text=[feature["text"]], return_tensors="pt")
+        processed.append({"input_ids": encoded["input_ids"][0], "pixel_values": encoded["pixel_values"][0]})
+    for max_length in (None, 6):
+        expected = FlamingoDataCollator(tiny_processor, max_length=max_length)(raw)
+        batch = FlamingoDataCollator(tiny_processor, max_length=max_length)(processed)
+        assert batch.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(batch[key], expected[key], atol=0, rtol=0, msg=key)
+    text_only = FlamingoDataCollator(tiny_processor)([{"input_ids": [65, 66]}, {"input_ids": [65]}])
+    assert "pixel_values" not in text_only
+    assert text_only["input_ids"].tolist() == [[65, 66], [65, PAD]]
+    with pytest.raises(ValueError, match="1 `<image>` tokens but 0 image"):
+        FlamingoDataCollator(tiny_processor)([{"input_ids": [IMG, 65]}])

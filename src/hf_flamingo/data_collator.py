@@ -87,13 +87,21 @@ class FlamingoDataCollator:
     Other keys are ignored. The texts and images go through `processor` (so preprocessing is identical to
     inference), with right padding and, if `max_length` is set, truncation.
 
+    Features may instead be already processed, one sample each: `"input_ids"` (a 1-D sequence produced by
+    `processor`) and `"pixel_values"` of shape `(num_images, num_channels, height, width)` (absent or empty without
+    images); their `"attention_mask"` and `"labels"`, if any, are ignored and rebuilt. Use this form with
+    [`Trainer`]'s default `remove_unused_columns=True`, which keeps only the columns named by the model's `forward`
+    (`input_ids`, `pixel_values`, ...) and would drop `"text"` and `"images"`; with raw `"text"`/`"images"` features
+    set `remove_unused_columns=False`.
+
     Labels follow OpenFlamingo's MMC4 rules (see [`build_flamingo_labels`]): `input_ids` with -100 on padding, on
     `<image>` tokens, before the first `<image>` (`mask_before_first_image`) and after each `<|endofchunk|>` up to the
     next `<image>` (`mask_between_chunks`). `<|endofchunk|>` itself is a target.
 
     Truncation: if truncation removes `<image>` tokens, the images of the removed tokens are **dropped** (the last
     images of the sample with the tokenizer's default right truncation), so that every remaining image keeps its
-    `<image>` token and no image is left without one. A sample may thus end up with fewer images, or none.
+    `<image>` token and no image is left without one. A sample may thus end up with fewer images, or none. Processed
+    (`"input_ids"`) features are truncated on the right.
 
     Args:
         processor ([`FlamingoProcessor`]):
@@ -154,13 +162,16 @@ class FlamingoDataCollator:
         Collates `features` into a batch.
 
         Args:
-            features (`list[dict[str, Any]]`): Samples with a `"text"` and optional `"images"`.
+            features (`list[dict[str, Any]]`): Samples with a `"text"` and optional `"images"`, or processed samples
+                with `"input_ids"` and optional `"pixel_values"`.
 
         Returns:
             `dict[str, torch.Tensor]`: `input_ids`, `attention_mask`, `labels` and (if any image) `pixel_values`.
         """
         if len(features) == 0:
             raise ValueError("FlamingoDataCollator got an empty list of features.")
+        if all("input_ids" in feature for feature in features):
+            return self._collate_tokenized(features)
         texts, images = [], []
         for index, feature in enumerate(features):
             if not isinstance(feature.get("text"), str):
@@ -189,6 +200,63 @@ class FlamingoDataCollator:
         )
         if "pixel_values" in encoded:
             batch["pixel_values"] = encoded["pixel_values"]
+        return batch
+
+    def _collate_tokenized(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pads samples that the processor already tokenized (`input_ids` and optional per-sample `pixel_values`)."""
+        media_token_id = self.processor.media_token_id
+        sequences, pixel_values = [], []
+        for index, feature in enumerate(features):
+            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            if ids.ndim != 1:
+                raise ValueError(
+                    f"Feature {index} has `input_ids` of shape {tuple(ids.shape)}; tokenized features hold one sample "
+                    "each, a 1-D sequence (e.g. `processor(images=[images], text=[text])['input_ids'][0]`)."
+                )
+            num_tokens = int((ids == media_token_id).sum())
+            sample_pixels = feature.get("pixel_values")
+            sample_pixels = None if sample_pixels is None else torch.as_tensor(sample_pixels)
+            num_images = 0 if sample_pixels is None else sample_pixels.shape[0]
+            if num_tokens != num_images:
+                raise ValueError(
+                    f"Sample {index} has {num_tokens} `{self.processor.media_token}` tokens but {num_images} image(s) "
+                    "in `pixel_values` (of shape `(num_images, ...)` per sample)."
+                )
+            if self.max_length is not None and ids.shape[0] > self.max_length:
+                ids = ids[: self.max_length]
+                num_images = int((ids == media_token_id).sum())
+            sequences.append(ids.tolist())
+            if sample_pixels is not None and num_images > 0:
+                pixel_values.append(sample_pixels[:num_images])
+            else:
+                pixel_values.append(None)
+
+        padded = self.processor.tokenizer.pad(
+            {"input_ids": sequences},
+            padding="longest",
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            padding_side="right",
+            return_tensors="pt",
+        )
+        batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+        batch["labels"] = build_flamingo_labels(
+            batch["input_ids"],
+            batch["attention_mask"],
+            media_token_id=media_token_id,
+            eoc_token_id=self.processor.eoc_token_id,
+            mask_before_first_image=self.mask_before_first_image,
+            mask_between_chunks=self.mask_between_chunks,
+        )
+        present = [pixels for pixels in pixel_values if pixels is not None]
+        if present:
+            shape = present[0].shape[1:]
+            if any(pixels.shape[1:] != shape for pixels in present):
+                raise ValueError("All images of a batch must have the same shape after preprocessing.")
+            stacked = present[0].new_zeros((len(features), max(p.shape[0] for p in present), *shape))
+            for row, pixels in enumerate(pixel_values):
+                if pixels is not None:
+                    stacked[row, : pixels.shape[0]] = pixels
+            batch["pixel_values"] = stacked
         return batch
 
     def _drop_truncated_images(self, texts: list[str], images: list[list]) -> list[list]:
