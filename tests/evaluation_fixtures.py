@@ -13,6 +13,16 @@ from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from hf_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
 
+
+def single_torch_thread():
+    """Generator for a module fixture: one torch thread while the module runs (tiny ops on a shared 2-core machine run
+    several times faster without thread hand-offs), then the previous setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 WORDS = ["red", "blue", "green", "dog", "cat", "bird", "sea", "snow", "car", "mat", "fox", "tree"]
 
 

@@ -78,7 +78,7 @@ def _flag(field_name: str) -> str:
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from .evaluation.evaluate import TASKS  # light: no torch model is loaded
+    from .evaluation.runner import TASKS  # light: no torch model is loaded
 
     parser.add_argument("model", help="Directory (or Hub id) of a saved Flamingo model and processor.")
     parser.add_argument("--task", required=True, choices=TASKS, help="The benchmark.")
@@ -195,7 +195,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.show_prompt:
         print(prompt, file=sys.stderr)
     model, processor = _load_model_and_processor(_model_source(args.model), args.device)
-    from .evaluation.evaluate import generate_batch
+    from .evaluation.runner import generate_batch
 
     settings = prompts.GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     output = generate_batch(model, processor, [prompt], [images], settings)[0]
@@ -204,7 +204,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluation.evaluate import EvaluationConfig, evaluate
+    from .evaluation.runner import EvaluationConfig, evaluate
 
     paths = {name: getattr(args, name) for name in _EVAL_PATH_FLAGS}
     for name, value in paths.items():

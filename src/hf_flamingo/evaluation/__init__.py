@@ -1,5 +1,5 @@
 """Few-shot evaluation with OpenFlamingo's protocol: COCO/Flickr30K captioning, VQAv2/OK-VQA/VizWiz/TextVQA,
-ImageNet and HatefulMemes, with random or RICES demonstrations (see `evaluate.py`)."""
+ImageNet and HatefulMemes, with random or RICES demonstrations (see `runner.py`)."""
 
 from .datasets import (
     DatasetFormatError,
@@ -13,7 +13,8 @@ from .datasets import (
     load_vqa,
 )
 from .demonstrations import RICES, RandomDemonstrations, VisionTowerEncoder
-from .evaluate import (
+from .metrics import compute_cider, compute_vqa_accuracy, normalize_vqa_answer, roc_auc_score, vqa_accuracy
+from .runner import (
     TASKS,
     EvaluationConfig,
     EvaluationResults,
@@ -22,7 +23,6 @@ from .evaluate import (
     evaluate,
     generate_batch,
 )
-from .metrics import compute_cider, compute_vqa_accuracy, normalize_vqa_answer, roc_auc_score, vqa_accuracy
 
 __all__ = [
     "DatasetFormatError",

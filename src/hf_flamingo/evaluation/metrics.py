@@ -181,7 +181,7 @@ def compute_cider(predictions: Mapping[Hashable, str], references: Mapping[Hasha
     """CIDEr (pycocoevalcap's CIDEr-D) x 100, as OpenFlamingo reports it.
 
     Follows `COCOEvalCap.evaluate` for the images that have a prediction: the references and predictions are
-    tokenised with the Stanford PTB tokenizer (needs `java`), then scored with `Cider`. The document frequencies come
+    tokenised with the Stanford PTB tokenizer (needs `java`) and scored with `Cider`. The document frequencies come
     from the references of the predicted images only, as in `COCOEvalCap`.
 
     Args:
@@ -203,9 +203,13 @@ def compute_cider(predictions: Mapping[Hashable, str], references: Mapping[Hasha
     missing = [image_id for image_id in predictions if not references.get(image_id)]
     if missing:
         raise KeyError(f"No reference captions for {len(missing)} predicted image ids, e.g. {missing[:3]}.")
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": ref} for ref in references[i]] for i in predictions})
-    res = tokenizer.tokenize({i: [{"caption": caption}] for i, caption in predictions.items()})
+    # One java run for references and predictions: the tokenizer works line by line (`-preserveLines`), so this
+    # gives the same tokens as COCOEvalCap's two runs.
+    captions = {("ref", i): [{"caption": ref} for ref in references[i]] for i in predictions}
+    captions.update({("res", i): [{"caption": caption}] for i, caption in predictions.items()})
+    tokenized = PTBTokenizer().tokenize(captions)
+    gts = {i: tokenized[("ref", i)] for i in predictions}
+    res = {i: tokenized[("res", i)] for i in predictions}
     score, _ = Cider().compute_score(gts, res)
     return float(score) * 100.0
 

@@ -83,7 +83,7 @@ def build_prompt(demonstrations: Sequence[str], query: str, *, separator: str, n
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Decoding settings of OpenFlamingo's harness (`evaluate.py`): beam search, stop at `<|endofchunk|>`.
+    """Decoding settings of OpenFlamingo's harness (its `evaluate.py`): beam search, stop at `<|endofchunk|>`.
 
     Args:
         max_new_tokens (`int`): 20 for captioning, 5 for VQA, 10 for TextVQA.
