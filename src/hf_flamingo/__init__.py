@@ -22,6 +22,7 @@ from .modeling_flamingo import (
     FlamingoPreTrainedModel,
 )
 from .modeling_mosaic_gpt import MosaicGPTForCausalLM, MosaicGPTModel
+from .peft_utils import flamingo_lora_config
 from .processing_flamingo import FlamingoProcessor
 
 __version__ = "0.1.0.dev0"
@@ -59,4 +60,5 @@ __all__ = [
     "MosaicGPTForCausalLM",
     "MosaicGPTModel",
     "build_flamingo_labels",
+    "flamingo_lora_config",
 ]
