@@ -281,3 +281,13 @@ def test_bad_dataset_files_raise_specific_errors(benchmark_paths, tmp_path, mode
     config = EvaluationConfig(task="hateful_memes", shots=(0,), **paths)
     with pytest.raises(UnreadableImageError, match="40006.png"):
         evaluate(model, processor, config, progress=False)
+
+
+def test_bf16_autocast_runs_close_to_fp32(model_and_processor):
+    model, processor = model_and_processor
+    texts = ["<image>is an image with: 'x' written on it. Is it hateful? Answer:"]
+    images = [[make_test_image(5)]]
+    fp32 = class_log_likelihoods(model, processor, texts, images, ["no", "yes"])
+    bf16 = class_log_likelihoods(model, processor, texts, images, ["no", "yes"], precision="amp_bf16")
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.1)

@@ -13,6 +13,11 @@ left-padded batches; demonstrations come from the training split, at random (fro
 RICES. Captioning and VQA generate with beam search and OpenFlamingo's post-processing; ImageNet and HatefulMemes
 rank the class names by mean per-token log-likelihood. Scores are percentages: CIDEr x 100, VQA accuracy, top-1
 accuracy x 100, ROC-AUC x 100.
+
+One deliberate difference: for 0-shot ImageNet / HatefulMemes, OpenFlamingo's harness also passes the images of the
+two text-only demonstrations (whose `<image>` tokens it removed), so its query text attends to the first
+demonstration's image instead of the query's. Here, as OpenFlamingo does for captioning and VQA, a 0-shot prompt gets
+only the query image.
 """
 
 from __future__ import annotations
@@ -461,6 +466,7 @@ def _run_trial(
     stemmer,
     progress: bool,
 ) -> tuple[float, list[dict[str, Any]]]:
+    """One number of shots with one seed: (score, predictions)."""
     task = config.task
     rng = random.Random(seed)
     queries = test if config.num_samples <= 0 else rng.sample(test, min(config.num_samples, len(test)))
@@ -482,7 +488,15 @@ def _run_trial(
             )
             log_likelihoods.append(scores)
             for example, row in zip(batch, scores, strict=True):
-                predictions.append({"id": example.id, "label": example.label, "prediction": int(row.argmax())})
+                predicted = int(row.argmax())
+                predictions.append(
+                    {
+                        "id": example.id,
+                        "label": example.label,
+                        "prediction": predicted,
+                        "class": class_names[predicted],
+                    }
+                )
             continue
         outputs = generate_batch(model, processor, texts, images, config.generation_settings(), config.precision)
         for example, output in zip(batch, outputs, strict=True):
@@ -494,24 +508,33 @@ def _run_trial(
                     prediction = stemmer(prediction)
             predictions.append({"id": example.id, "output": output, "prediction": prediction})
 
+    return _score(task, predictions, log_likelihoods, queries, references), predictions
+
+
+def _score(
+    task: str,
+    predictions: list[dict[str, Any]],
+    log_likelihoods: list[torch.Tensor],
+    queries: list[EvalExample],
+    references: dict | None,
+) -> float:
+    """The trial's metric (a percentage); adds each HatefulMemes prediction's "yes" probability to it."""
     if task in CAPTIONING_TASKS:
-        score = compute_cider({p["id"]: p["prediction"] for p in predictions}, references)
-    elif task in VQA_TASKS:
+        return compute_cider({p["id"]: p["prediction"] for p in predictions}, references)
+    if task in VQA_TASKS:
         answers = {example.id: example.references for example in queries}
-        score = compute_vqa_accuracy({p["id"]: p["prediction"] for p in predictions}, answers)
-    elif task == "imagenet":
-        score = 100 * top1_accuracy([p["prediction"] for p in predictions], [p["label"] for p in predictions])
-    else:
-        # Probability of the top class among the two, turned into a probability of "yes" (OpenFlamingo's score).
-        all_scores = torch.cat(log_likelihoods)
-        top = all_scores.argmax(-1)
-        top_probability = torch.exp(all_scores.max(-1).values - torch.logsumexp(all_scores, dim=-1))
-        yes = HATEFUL_MEMES_CLASS_NAMES.index("yes")
-        yes_probability = torch.where(top == yes, top_probability, 1 - top_probability)
-        for prediction, probability in zip(predictions, yes_probability.tolist(), strict=True):
-            prediction["yes_score"] = probability
-        score = 100 * roc_auc_score([p["label"] for p in predictions], yes_probability.tolist())
-    return float(score), predictions
+        return compute_vqa_accuracy({p["id"]: p["prediction"] for p in predictions}, answers)
+    if task == "imagenet":
+        return 100 * top1_accuracy([p["prediction"] for p in predictions], [p["label"] for p in predictions])
+    # OpenFlamingo's score: the probability of the top class among the two, turned into a probability of "yes".
+    all_scores = torch.cat(log_likelihoods)  # (num_queries, 2)
+    top = all_scores.argmax(-1)
+    top_probability = torch.exp(all_scores.max(-1).values - torch.logsumexp(all_scores, dim=-1))
+    yes = HATEFUL_MEMES_CLASS_NAMES.index("yes")
+    yes_probability = torch.where(top == yes, top_probability, 1 - top_probability).tolist()
+    for prediction, probability in zip(predictions, yes_probability, strict=True):
+        prediction["yes_score"] = probability
+    return 100 * roc_auc_score([p["label"] for p in predictions], yes_probability)
 
 
 def _environment(model) -> dict[str, Any]:
