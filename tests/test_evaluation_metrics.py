@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -232,3 +233,9 @@ def test_ok_vqa_stemmer_rules():
     )
     # "riding"/"leaves": manual table; "running": verb lemma; "boxes"/"cats": plural nouns; "red": unchanged.
     assert stemmer("riding leaves running boxes cats red") == "ride leaf run box cat red"
+
+
+def test_ok_vqa_stemmer_without_nltk_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nltk", None)  # makes `import nltk` fail
+    with pytest.raises(ImportError, match="pip install nltk inflection"):
+        OKVQAStemmer()

@@ -274,7 +274,7 @@ def _load_demo():
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from .evaluation.datasets import DatasetFormatError, UnreadableImageError
 
-    return (CommandLineError, DatasetFormatError, UnreadableImageError, ImportError, ValueError, OSError)
+    return (CommandLineError, DatasetFormatError, UnreadableImageError, ImportError, LookupError, ValueError, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -150,14 +150,20 @@ sometimes=sometime earing=ear
 )
 
 
+_NLTK_DATA_HINT = (
+    "python -m nltk.downloader punkt_tab averaged_perceptron_tagger_eng wordnet (older nltk: punkt, "
+    "averaged_perceptron_tagger), or disable OK-VQA stemming."
+)
+
+
 class OKVQAStemmer:
     """The OK-VQA v1.1 stemming rule that OpenFlamingo applies to OK-VQA predictions.
 
     Each word of the tokenised, POS-tagged answer is replaced by its manual stem if it has one; otherwise a word
     ending in "ing" is lemmatised as a verb (WordNet), and a plural noun (`NNS`/`NNPS`) is singularised (`inflection`).
 
-    The default back-ends are nltk (`word_tokenize`, `pos_tag`, `WordNetLemmatizer`, which need the `punkt`,
-    `averaged_perceptron_tagger` and `wordnet` data) and `inflection`; each can be replaced.
+    The default back-ends are nltk (`word_tokenize`, `pos_tag`, `WordNetLemmatizer`, which need nltk's tokenizer,
+    tagger and WordNet data) and `inflection`; each can be replaced.
 
     Args:
         tokenize (`Callable[[str], list[str]]`, *optional*): Word tokenizer.
@@ -178,13 +184,17 @@ class OKVQAStemmer:
                 import nltk
             except ImportError as error:
                 raise ImportError(
-                    "OK-VQA post-processing stems answers with nltk: pip install nltk inflection, then "
-                    "python -m nltk.downloader punkt averaged_perceptron_tagger wordnet (or disable OK-VQA stemming)."
+                    f"OK-VQA post-processing stems answers with nltk: pip install nltk inflection, then {_NLTK_DATA_HINT}"
                 ) from error
             lemmatizer = nltk.stem.WordNetLemmatizer()
             tokenize = tokenize or nltk.tokenize.word_tokenize
             pos_tag = pos_tag or nltk.pos_tag
             lemmatize_verb = lemmatize_verb or (lambda word: lemmatizer.lemmatize(word, "v"))
+            try:  # fail now, not after the first batch, when nltk's data is missing
+                pos_tag(tokenize("riding bikes"))
+                lemmatize_verb("riding")
+            except LookupError as error:
+                raise LookupError(f"OK-VQA stemming needs nltk data: {_NLTK_DATA_HINT}") from error
         if singularize is None:
             try:
                 import inflection
