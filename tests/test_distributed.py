@@ -128,3 +128,26 @@ def test_device_map_with_disk_offload_keeps_no_split_modules_whole(saved_model, 
     for key in placements:
         assert not any(key.startswith(name + ".") for name in whole), key
     assert torch.equal(_generate(model), reference)
+
+
+def test_fsdp_config_wraps_classes_that_exist():
+    """FSDP itself needs GPUs; check that examples/accelerate_configs/fsdp.yaml names wrap classes the model has."""
+    yaml = pytest.importorskip("yaml")
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    config = yaml.safe_load((REPO / "examples" / "accelerate_configs" / "fsdp.yaml").read_text())
+    fsdp = config["fsdp_config"]
+    assert config["distributed_type"] == "FSDP" and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    names = fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    model = build_model("llama")
+    for name in names:
+        assert get_module_class_from_name(model, name) is not None, name
+        assert name in model._no_split_modules, name
+    # The blocks that hold most parameters are wrapped: the LM's decoder layers and Flamingo's own blocks.
+    assert {"LlamaDecoderLayer", "FlamingoGatedCrossAttentionBlock", "FlamingoPerceiverLayer"} <= set(names)
+    # Why the list is explicit: the aggregated `_no_split_modules` names a class this model does not contain, which
+    # accelerate's default (wrap `_no_split_modules`) rejects.
+    assert any(get_module_class_from_name(model, name) is None for name in model._no_split_modules)
+
+    deepspeed = yaml.safe_load((REPO / "examples" / "accelerate_configs" / "deepspeed_zero3.yaml").read_text())
+    assert deepspeed["distributed_type"] == "DEEPSPEED" and deepspeed["deepspeed_config"]["zero_stage"] == 3
