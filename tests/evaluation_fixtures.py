@@ -4,8 +4,10 @@ evaluation and command-line tests (no network: everything is written into a temp
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import build_tiny_image_processor, build_tiny_tokenizer, make_test_image
 from model_testers import open_gates, vision_config_for
@@ -21,6 +23,11 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+requires_java = pytest.mark.skipif(
+    shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer (CIDEr) needs a java runtime"
+)
 
 
 WORDS = ["red", "blue", "green", "dog", "cat", "bird", "sea", "snow", "car", "mat", "fox", "tree"]

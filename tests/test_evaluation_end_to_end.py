@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from evaluation_fixtures import build_tiny_flamingo, single_torch_thread, write_benchmark
+from evaluation_fixtures import build_tiny_flamingo, requires_java, single_torch_thread, write_benchmark
 from helpers import make_test_image
 
 import hf_flamingo.evaluation.runner as runner
@@ -64,7 +64,11 @@ class Recorder:
 GENERATION_TASKS = {"coco": 20, "flickr30k": 20, "vqav2": 5, "ok_vqa": 5, "vizwiz": 5, "textvqa": 10}
 
 
-@pytest.mark.parametrize("task", list(GENERATION_TASKS) + ["imagenet", "hateful_memes"])
+@pytest.mark.parametrize(
+    "task",
+    [pytest.param(task, marks=requires_java) for task in ("coco", "flickr30k")]
+    + ["vqav2", "ok_vqa", "vizwiz", "textvqa", "imagenet", "hateful_memes"],
+)
 def test_task_end_to_end(task, model_and_processor, benchmark_paths, tmp_path, monkeypatch):
     model, processor = model_and_processor
     classification = task in ("imagenet", "hateful_memes")

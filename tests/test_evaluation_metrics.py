@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+from evaluation_fixtures import requires_java
 
 from hf_flamingo.evaluation.metrics import (
     compute_cider,
@@ -114,6 +115,7 @@ def test_compute_vqa_accuracy_is_the_mean_in_percent():
 # CIDEr
 
 
+@requires_java
 def test_cider_perfect_distinct_captions_is_1000():
     # CIDEr-D of a prediction equal to its only reference is 10 per image (cosine 1 for n = 1..4, averaged, x10),
     # provided the images share no n-gram (otherwise idf changes nothing here, but shared n-grams would make the
@@ -123,6 +125,7 @@ def test_cider_perfect_distinct_captions_is_1000():
     assert compute_cider(predictions, references) == pytest.approx(1000.0)
 
 
+@requires_java
 def test_cider_matches_pycocoevalcap_coco_eval_steps(tmp_path):
     """Our CIDEr equals COCOEvalCap's steps run directly: COCO + loadRes, PTBTokenizer, Cider."""
     pytest.importorskip("pycocotools")
