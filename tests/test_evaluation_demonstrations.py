@@ -11,7 +11,7 @@ import torch
 from helpers import build_tiny_image_processor
 from model_testers import vision_config_for
 from PIL import Image
-from transformers import CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from hf_flamingo.evaluation import RICES, EvalExample, RandomDemonstrations, VisionTowerEncoder
 
@@ -120,10 +120,13 @@ def test_rices_features_cached_to_disk_and_reloaded(colour_pool, tmp_path):
     torch.testing.assert_close(reloaded.features, first.features, rtol=0, atol=0)
     assert reloaded.features.norm(dim=-1).sub(1).abs().max() < 1e-6
 
-    # A cache written for another pool is recomputed, not silently reused.
+    # A cache written for another pool, or by another encoder, is recomputed, not silently reused.
     other_encoder = ColourEncoder()
     smaller = RICES(colour_pool[:5], other_encoder, cache_path=cache)
     assert other_encoder.calls == 1 and smaller.features.shape == (5, 3)
+    renamed_encoder = ColourEncoder()
+    RICES(colour_pool[:5], renamed_encoder, cache_path=cache, encoder_name="another CLIP")
+    assert renamed_encoder.calls == 1
 
 
 def test_vision_tower_encoder_features():
@@ -134,4 +137,16 @@ def test_vision_tower_encoder_features():
     features = encoder(images)
     assert features.shape == (3, 32)
     expected = tower(pixel_values=build_tiny_image_processor()(images, return_tensors="pt").pixel_values).pooler_output
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vision_tower_encoder_uses_projected_embeddings():
+    # OpenFlamingo's RICES feature is CLIP's projected image embedding (open_clip `encode_image`).
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(**{**vision_config_for("clip").to_dict(), "projection_dim": 12})
+    tower = CLIPVisionModelWithProjection(config).eval()
+    images = [Image.new("RGB", (40, 40), (30 * k, 90, 200 - 30 * k)) for k in range(2)]
+    features = VisionTowerEncoder(tower, build_tiny_image_processor())(images)
+    expected = tower(pixel_values=build_tiny_image_processor()(images, return_tensors="pt").pixel_values).image_embeds
+    assert features.shape == (2, 12)
     torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)

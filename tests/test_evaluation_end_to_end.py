@@ -295,3 +295,28 @@ def test_bf16_autocast_runs_close_to_fp32(model_and_processor):
     bf16 = class_log_likelihoods(model, processor, texts, images, ["no", "yes"], precision="amp_bf16")
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
     torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.1)
+
+
+def test_rices_with_a_separate_clip_model(benchmark_paths, model_and_processor, tmp_path):
+    from safetensors import safe_open
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    model, processor = model_and_processor
+    torch.manual_seed(1)
+    clip_config = CLIPVisionConfig(**{**model.config.vision_config.to_dict(), "projection_dim": 6})
+    CLIPVisionModelWithProjection(clip_config).save_pretrained(tmp_path / "clip")
+    config = EvaluationConfig(
+        task="imagenet",
+        shots=(2,),
+        seeds=(0,),
+        rices=True,
+        rices_vision_model=str(tmp_path / "clip"),
+        rices_cache_dir=str(tmp_path / "cache"),
+        **benchmark_paths["imagenet"],
+    )
+    results = evaluate(model, processor, config, progress=False)
+    assert results.config["rices_vision_model"] == str(tmp_path / "clip")
+
+    with safe_open(str(tmp_path / "cache" / "imagenet.safetensors"), framework="pt") as file:
+        assert file.get_tensor("features").shape == (6, 6)  # 6 training images, projection_dim 6
+        assert file.metadata()["encoder"] == str(tmp_path / "clip")

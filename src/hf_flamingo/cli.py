@@ -89,6 +89,12 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-set-size", type=int, default=2048, help="Random-demonstration pool (default 2048).")
     parser.add_argument("--rices", action="store_true", help="Choose demonstrations by RICES instead of at random.")
     parser.add_argument("--rices-cache-dir", help="Folder for cached RICES features.")
+    parser.add_argument(
+        "--rices-vision-model",
+        metavar="PATH",
+        help="A CLIP model (directory or Hub id) whose projected image embeddings RICES uses (OpenFlamingo: "
+        "openai/clip-vit-large-patch14); default: the Flamingo's own vision tower.",
+    )
     parser.add_argument("--precision", choices=["fp32", "amp_bf16"], default="fp32", help="Numerics (default fp32).")
     parser.add_argument("--max-new-tokens", type=int, help="Override the task's generation length.")
     parser.add_argument("--num-beams", type=int, default=3, help="Beams (default 3).")
@@ -220,6 +226,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             query_set_size=args.query_set_size,
             rices=args.rices,
             rices_cache_dir=args.rices_cache_dir,
+            rices_vision_model=args.rices_vision_model,
             precision=args.precision,
             max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams,

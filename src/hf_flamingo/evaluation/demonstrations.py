@@ -60,11 +60,12 @@ class RandomDemonstrations:
 class VisionTowerEncoder:
     """Image features from a Flamingo's own vision tower, for RICES.
 
-    The feature is the tower's pooled output (CLIP: the post-layernorm CLS token) or, for towers without one, the
-    mean of the last hidden states.
+    The feature is the tower's projected embedding if it has one (`CLIPVisionModelWithProjection`: `image_embeds`,
+    which for `openai/clip-vit-large-patch14` is OpenFlamingo's RICES feature, open_clip's `encode_image`), else its
+    pooled output (CLIP: the post-layernorm CLS token), else the mean of the last hidden states.
 
     Args:
-        vision_model (`torch.nn.Module`): E.g. `model.vision_model`.
+        vision_model (`torch.nn.Module`): E.g. `model.vision_model`, or a `CLIPVisionModelWithProjection`.
         image_processor: Turns a list of PIL images into `pixel_values` of shape `(num_images, 3, H, W)`.
         batch_size (`int`, defaults to 32): Images per forward.
     """
@@ -82,8 +83,12 @@ class VisionTowerEncoder:
             pixel_values = self.image_processor(images[start : start + self.batch_size], return_tensors="pt")
             pixel_values = pixel_values["pixel_values"].to(device=parameter.device, dtype=parameter.dtype)
             outputs = self.vision_model(pixel_values=pixel_values)
-            pooled = getattr(outputs, "pooler_output", None)
-            features.append((pooled if pooled is not None else outputs.last_hidden_state.mean(1)).float().cpu())
+            feature = getattr(outputs, "image_embeds", None)
+            if feature is None:
+                feature = getattr(outputs, "pooler_output", None)
+            if feature is None:
+                feature = outputs.last_hidden_state.mean(1)
+            features.append(feature.float().cpu())
         return torch.cat(features)
 
 
@@ -92,7 +97,7 @@ class RICES:
 
     Features are L2-normalised and compared by cosine similarity; the most similar demonstration is placed **last**
     (closest to the query), as in OpenFlamingo. Pool features can be cached in a safetensors file, tagged with the
-    pool's ids; a cache written for a different pool is recomputed.
+    pool's ids and the encoder's name; a cache written for a different pool or encoder is recomputed.
 
     Args:
         pool (`Sequence[EvalExample]`): The training examples.
@@ -100,6 +105,8 @@ class RICES:
         cache_path (`str` or `Path`, *optional*): A `.safetensors` file to read the pool features from, or write them
             to.
         batch_size (`int`, defaults to 32): Images encoded at a time while computing the pool features.
+        encoder_name (`str`, *optional*): Names the encoder in the cache: a cache written by another encoder is
+            recomputed.
     """
 
     def __init__(
@@ -108,20 +115,22 @@ class RICES:
         encode_images: ImageEncoder,
         cache_path: str | Path | None = None,
         batch_size: int = 32,
+        encoder_name: str = "",
     ):
         if not pool:
             raise ValueError("the demonstration pool is empty.")
         self.pool = list(pool)
         self.encode_images = encode_images
         self.batch_size = batch_size
+        self.encoder_name = encoder_name
         self._positions: dict[object, list[int]] = {}
         for position, example in enumerate(self.pool):
             for key in {("id", example.id), ("image", example.image_path)}:
                 self._positions.setdefault(key, []).append(position)
         self.features = self._load_or_compute_features(None if cache_path is None else Path(cache_path))
 
-    def _pool_ids(self) -> str:
-        return json.dumps([str(example.id) for example in self.pool])
+    def _cache_metadata(self) -> dict[str, str]:
+        return {"ids": json.dumps([str(example.id) for example in self.pool]), "encoder": self.encoder_name}
 
     def _load_or_compute_features(self, cache_path: Path | None) -> torch.Tensor:
         from safetensors import safe_open
@@ -129,13 +138,15 @@ class RICES:
 
         if cache_path is not None and cache_path.is_file():
             with safe_open(str(cache_path), framework="pt") as file:
-                if (file.metadata() or {}).get("ids") == self._pool_ids():
+                if (file.metadata() or {}) == self._cache_metadata():
                     return file.get_tensor("features")
-            logger.warning("RICES cache %s was written for other examples; recomputing it.", cache_path)
+            logger.warning(
+                "RICES cache %s was written for other examples or another encoder; recomputing it.", cache_path
+            )
         features = self._compute_features()
         if cache_path is not None:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"features": features.contiguous()}, str(cache_path), metadata={"ids": self._pool_ids()})
+            save_file({"features": features.contiguous()}, str(cache_path), metadata=self._cache_metadata())
         return features
 
     def _compute_features(self) -> torch.Tensor:

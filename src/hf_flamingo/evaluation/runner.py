@@ -49,7 +49,7 @@ from .datasets import (
     load_karpathy_captions,
     load_vqa,
 )
-from .demonstrations import RICES, RandomDemonstrations, VisionTowerEncoder
+from .demonstrations import RICES, ImageEncoder, RandomDemonstrations, VisionTowerEncoder
 from .metrics import compute_cider, compute_vqa_accuracy, roc_auc_score, top1_accuracy
 
 __all__ = [
@@ -97,6 +97,8 @@ class EvaluationConfig:
         query_set_size (`int`, defaults to 2048): Random demonstrations come from this many training examples.
         rices (`bool`, defaults to False): Choose demonstrations by RICES on the model's vision tower features.
         rices_cache_dir (`str`, *optional*): Folder for the cached RICES features (`<task>.safetensors`).
+        rices_vision_model (`str`, *optional*): A CLIP model (directory or Hub id) whose projected image embeddings
+            RICES compares (OpenFlamingo: `openai/clip-vit-large-patch14`); default: the Flamingo's own vision tower.
         precision (`str`, defaults to `"fp32"`): `"fp32"`, or `"amp_bf16"` (bf16 autocast, OpenFlamingo's setting).
         max_new_tokens (`int`, *optional*): Overrides the task's generation length (20 / 5 / TextVQA 10).
         num_beams (`int`, defaults to 3): Beams for captioning and VQA.
@@ -113,6 +115,7 @@ class EvaluationConfig:
     query_set_size: int = 2048
     rices: bool = False
     rices_cache_dir: str | None = None
+    rices_vision_model: str | None = None
     precision: str = "fp32"
     max_new_tokens: int | None = None
     num_beams: int = 3
@@ -558,6 +561,7 @@ def evaluate(
     config: EvaluationConfig,
     output_path: str | Path | None = None,
     progress: bool = True,
+    rices_encoder: ImageEncoder | None = None,
 ) -> EvaluationResults:
     """Runs one task at every number of shots and seed of `config`.
 
@@ -567,6 +571,8 @@ def evaluate(
         config (`EvaluationConfig`): Task, data paths and protocol.
         output_path (`str` or `Path`, *optional*): Where to write the results as JSON.
         progress (`bool`, defaults to True): Show tqdm progress bars.
+        rices_encoder (`ImageEncoder`, *optional*): Image features for RICES, instead of the model's vision tower or
+            `config.rices_vision_model`.
 
     Returns:
         [`EvaluationResults`].
@@ -588,8 +594,18 @@ def evaluate(
         cache_path = None
         if config.rices_cache_dir is not None:
             cache_path = Path(config.rices_cache_dir) / f"{config.task}.safetensors"
-        encoder = VisionTowerEncoder(model.vision_model, processor.image_processor, batch_size=config.batch_size)
-        rices = RICES(pool, encoder, cache_path=cache_path, batch_size=config.batch_size)
+        encoder_name = "custom" if rices_encoder is not None else config.rices_vision_model or "flamingo_vision_tower"
+        if rices_encoder is None:
+            tower = model.vision_model
+            if config.rices_vision_model is not None:
+                from transformers import CLIPVisionModelWithProjection
+
+                device = next(model.parameters()).device
+                tower = CLIPVisionModelWithProjection.from_pretrained(config.rices_vision_model).to(device).eval()
+            rices_encoder = VisionTowerEncoder(tower, processor.image_processor, batch_size=config.batch_size)
+        rices = RICES(
+            pool, rices_encoder, cache_path=cache_path, batch_size=config.batch_size, encoder_name=encoder_name
+        )
 
     results = []
     for num_shots in config.shots:
