@@ -241,3 +241,24 @@ def test_4bit_language_model_footprint(tmp_path):
     ratio = footprints["4bit"] / footprints["bf16"]
     print(f"4-bit / bf16 LM footprint: {footprints['4bit']} / {footprints['bf16']} bytes = {ratio:.3f}")
     assert ratio <= 0.35
+
+
+def test_trainer_with_a_quantized_language_model(checkpoints, tmp_path):
+    """`from_backbones` composes a quantized LM (the Flamingo is not marked quantized): Trainer trains the bridge
+    directly. A Flamingo loaded quantized by `from_pretrained` is marked quantized: Trainer requires a PEFT adapter
+    (transformers' rule for quantized models), see tests/test_training.py for the QLoRA recipe."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    features = [{key: value[row] for key, value in _inputs(labels=True).items()} for row in range(2)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True
+    )
+    composed = _load(checkpoints, "8bit", "from_backbones")
+    before = composed.perceiver.latents.detach().clone()
+    Trainer(model=composed, args=args, train_dataset=features, data_collator=default_data_collator).train()
+    assert not torch.equal(composed.perceiver.latents, before)
+
+    loaded = _load(checkpoints, "8bit", "from_pretrained")
+    assert loaded.is_quantized
+    with pytest.raises(ValueError, match="purely quantized models"):
+        Trainer(model=loaded, args=args, train_dataset=features, data_collator=default_data_collator)
