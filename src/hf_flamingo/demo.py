@@ -229,6 +229,11 @@ def load_smollm2() -> tuple[PreTrainedModel, object]:
     directory = smollm2_directory()
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF_FILE)
     language_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF_FILE, dtype=torch.float32)
+    # The weights are plain float32 now, but transformers still marks the model (and its config) as GGUF-quantized.
+    # Drop the marker: otherwise the Flamingo's saved config claims a GGUF quantization, and the reloaded model is
+    # `is_quantized`, which `Trainer` refuses to fine-tune.
+    if getattr(language_model, "hf_quantizer", None) is not None:
+        language_model.hf_quantizer.remove_quantization_config(language_model)
     return language_model, tokenizer
 
 
