@@ -57,8 +57,11 @@ class Recorder:
         self.calls = []
 
     def __call__(self, model, processor, texts, images, *args, **kwargs):
-        self.calls.append({"texts": list(texts), "num_images": [len(row) for row in images], "args": args})
-        return self.function(model, processor, texts, images, *args, **kwargs)
+        output = self.function(model, processor, texts, images, *args, **kwargs)
+        self.calls.append(
+            {"texts": list(texts), "num_images": [len(row) for row in images], "args": args, "output": output}
+        )
+        return output
 
 
 GENERATION_TASKS = {"coco": 20, "flickr30k": 20, "vqav2": 5, "ok_vqa": 5, "vizwiz": 5, "textvqa": 10}
@@ -320,3 +323,31 @@ def test_rices_with_a_separate_clip_model(benchmark_paths, model_and_processor, 
     with safe_open(str(tmp_path / "cache" / "imagenet.safetensors"), framework="pt") as file:
         assert file.get_tensor("features").shape == (6, 6)  # 6 training images, projection_dim 6
         assert file.metadata()["encoder"] == str(tmp_path / "clip")
+
+
+def test_classification_prompt_ensembling_averages_demonstration_orders(
+    benchmark_paths, model_and_processor, monkeypatch
+):
+    model, processor = model_and_processor
+    recorder = Recorder(runner.class_log_likelihoods)
+    monkeypatch.setattr(runner, "class_log_likelihoods", recorder)
+    config = EvaluationConfig(
+        task="hateful_memes",
+        shots=(3,),
+        seeds=(0,),
+        batch_size=4,
+        classification_prompt_ensembling=True,
+        **benchmark_paths["hateful_memes"],
+    )
+    result = evaluate(model, processor, config, progress=False).results[0]
+    assert len(recorder.calls) == 6  # min(6, 3!) orders of the demonstrations, for the one batch of 4
+    orders = [call["texts"][0] for call in recorder.calls]
+    query = orders[0][orders[0].rindex("<image>") :]
+    assert all(text.endswith(query) for text in orders) and len(set(orders)) > 1
+    assert sorted(orders[0].split("<|endofchunk|>")[:-1]) == sorted(orders[1].split("<|endofchunk|>")[:-1])
+    # The score comes from the mean log-likelihoods over the orders: P("yes") under a softmax over the two classes.
+    mean_scores = torch.stack([call["output"] for call in recorder.calls]).mean(0)
+    yes_probability = mean_scores.softmax(-1)[:, 1].tolist()
+    labels = [p["label"] for p in result.predictions[0]]
+    assert [p["yes_score"] for p in result.predictions[0]] == pytest.approx(yes_probability, abs=1e-6)
+    assert result.mean == pytest.approx(100 * roc_auc_score(labels, yes_probability))

@@ -99,6 +99,11 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="Override the task's generation length.")
     parser.add_argument("--num-beams", type=int, default=3, help="Beams (default 3).")
     parser.add_argument("--no-ok-vqa-stemming", action="store_true", help="Do not stem OK-VQA predictions.")
+    parser.add_argument(
+        "--classification-prompt-ensembling",
+        action="store_true",
+        help="Average class scores over up to 6 orders of the demonstrations [imagenet, hateful_memes].",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu).")
     parser.add_argument("--output", metavar="JSON", help="Write the results (with the full configuration) here.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
@@ -231,6 +236,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams,
             ok_vqa_stemming=not args.no_ok_vqa_stemming,
+            classification_prompt_ensembling=args.classification_prompt_ensembling,
             **paths,
         )
     except ValueError as error:

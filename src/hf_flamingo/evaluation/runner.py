@@ -104,6 +104,8 @@ class EvaluationConfig:
         num_beams (`int`, defaults to 3): Beams for captioning and VQA.
         ok_vqa_stemming (`bool`, defaults to True): Stem OK-VQA predictions (needs nltk and its data, `inflection`).
         classification_kv_cache (`bool`, defaults to True): Reuse the prompt's KV cache across class names.
+        classification_prompt_ensembling (`bool`, defaults to False): Average the class log-likelihoods over
+            min(6, k!) random orders of the k demonstrations (OpenFlamingo's `--classification_prompt_ensembling`).
         save_predictions (`bool`, defaults to True): Keep every trial's predictions in the results.
     """
 
@@ -121,6 +123,7 @@ class EvaluationConfig:
     num_beams: int = 3
     ok_vqa_stemming: bool = True
     classification_kv_cache: bool = True
+    classification_prompt_ensembling: bool = False
     save_predictions: bool = True
     karpathy_json: str | None = None
     references_json: str | None = None
@@ -474,6 +477,7 @@ def _run_trial(
     rng = random.Random(seed)
     queries = test if config.num_samples <= 0 else rng.sample(test, min(config.num_samples, len(test)))
     sampler = None if rices is not None else RandomDemonstrations(pool, config.query_set_size, seed)
+    shuffler = random.Random(seed + 2)  # demonstration orders for prompt ensembling
     num_demonstrations = prompts.effective_num_shots(num_shots)
     predictions: list[dict[str, Any]] = []
     log_likelihoods: list[torch.Tensor] = []
@@ -484,11 +488,21 @@ def _run_trial(
             demonstrations = rices.find(batch, num_demonstrations, batch_images)
         else:
             demonstrations = [sampler.sample(example, num_demonstrations) for example in batch]
-        texts, images = _build_prompts(task, batch, batch_images, demonstrations, num_shots)
         if task in CLASSIFICATION_TASKS:
-            scores = class_log_likelihoods(
-                model, processor, texts, images, class_names, config.classification_kv_cache, config.precision
-            )
+            orders = 1
+            if config.classification_prompt_ensembling:
+                orders = min(6, math.factorial(num_demonstrations))
+            per_order = []
+            for order in range(orders):
+                if order > 0 or orders > 1:
+                    demonstrations = [shuffler.sample(demos, len(demos)) for demos in demonstrations]
+                texts, images = _build_prompts(task, batch, batch_images, demonstrations, num_shots)
+                per_order.append(
+                    class_log_likelihoods(
+                        model, processor, texts, images, class_names, config.classification_kv_cache, config.precision
+                    )
+                )
+            scores = torch.stack(per_order, dim=-1).mean(-1)
             log_likelihoods.append(scores)
             for example, row in zip(batch, scores, strict=True):
                 predicted = int(row.argmax())
@@ -501,6 +515,7 @@ def _run_trial(
                     }
                 )
             continue
+        texts, images = _build_prompts(task, batch, batch_images, demonstrations, num_shots)
         outputs = generate_batch(model, processor, texts, images, config.generation_settings(), config.precision)
         for example, output in zip(batch, outputs, strict=True):
             if task in CAPTIONING_TASKS:
