@@ -262,3 +262,23 @@ def test_trainer_with_a_quantized_language_model(checkpoints, tmp_path):
     assert loaded.is_quantized
     with pytest.raises(ValueError, match="purely quantized models"):
         Trainer(model=loaded, args=args, train_dataset=features, data_collator=default_data_collator)
+
+
+def test_float16_loading_keeps_vision_and_bridge_in_float32(checkpoints):
+    """The documented side effect of `_keep_in_fp32_modules`: float16 loads keep these modules in float32 (bfloat16
+    and float32 loads do not upcast, see `test_only_language_model_linears_are_quantized`); mixed dtypes run."""
+    reference = FlamingoForConditionalGeneration.from_pretrained(checkpoints / "flamingo")
+    model = FlamingoForConditionalGeneration.from_pretrained(checkpoints / "flamingo", dtype=torch.float16)
+    dtypes = {}
+    for name, param in model.named_parameters():
+        dtypes.setdefault(name.split(".")[0], set()).add(param.dtype)
+    assert dtypes == {
+        "vision_model": {torch.float32},
+        "perceiver": {torch.float32},
+        "gated_cross_attn_layers": {torch.float32},
+        "language_model": {torch.float16},
+    }
+    with torch.no_grad():
+        logits = model(**_inputs()).logits
+        expected = reference(**_inputs()).logits
+    torch.testing.assert_close(logits.float(), expected, atol=5e-3, rtol=0)

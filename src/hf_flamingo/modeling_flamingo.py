@@ -456,7 +456,11 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 model's embeddings are resized to `len(tokenizer)`.
             dtype (`torch.dtype` or `str`, *optional*): Passed to both backbones' `from_pretrained`.
             device_map (*optional*): Passed to the language model's `from_pretrained`.
-            quantization_config (*optional*): Passed to the language model's `from_pretrained`.
+            quantization_config (*optional*): Passed to the language model's `from_pretrained` (e.g.
+                `BitsAndBytesConfig(load_in_4bit=True)`): only the language model is quantized, its `lm_head` excepted.
+                The Flamingo itself is not marked quantized, so `Trainer` trains the bridge without an adapter. Its
+                `save_pretrained` directory reloads with the same layers quantized, and is then marked quantized
+                (`Trainer` then needs a PEFT adapter, see `hf_flamingo.flamingo_lora_config`).
             vision_model_kwargs (`dict`, *optional*): Extra `from_pretrained` arguments for the vision model.
             language_model_kwargs (`dict`, *optional*): Extra `from_pretrained` arguments for the language model.
             **config_overrides: [`FlamingoConfig`] arguments (e.g. `cross_attn_every_n_layers=2`,
