@@ -458,6 +458,32 @@ def _build_prompts(
     return texts, images
 
 
+def _classify_batch(
+    model,
+    processor,
+    config: EvaluationConfig,
+    batch: list[EvalExample],
+    batch_images: list[Image.Image],
+    demonstrations: list[list[EvalExample]],
+    class_names: list[str],
+    num_shots: int,
+    shuffler: random.Random,
+) -> torch.Tensor:
+    """Class log-likelihoods `(batch, num_classes)`, averaged over shuffled demonstration orders when ensembling."""
+    orders = min(6, math.factorial(len(demonstrations[0]))) if config.classification_prompt_ensembling else 1
+    per_order = []
+    for _ in range(orders):
+        if orders > 1:  # like OpenFlamingo, a fresh random order each time (orders may repeat)
+            demonstrations = [shuffler.sample(demos, len(demos)) for demos in demonstrations]
+        texts, images = _build_prompts(config.task, batch, batch_images, demonstrations, num_shots)
+        per_order.append(
+            class_log_likelihoods(
+                model, processor, texts, images, class_names, config.classification_kv_cache, config.precision
+            )
+        )
+    return torch.stack(per_order, dim=-1).mean(-1)
+
+
 def _run_trial(
     model,
     processor,
@@ -489,20 +515,9 @@ def _run_trial(
         else:
             demonstrations = [sampler.sample(example, num_demonstrations) for example in batch]
         if task in CLASSIFICATION_TASKS:
-            orders = 1
-            if config.classification_prompt_ensembling:
-                orders = min(6, math.factorial(num_demonstrations))
-            per_order = []
-            for order in range(orders):
-                if order > 0 or orders > 1:
-                    demonstrations = [shuffler.sample(demos, len(demos)) for demos in demonstrations]
-                texts, images = _build_prompts(task, batch, batch_images, demonstrations, num_shots)
-                per_order.append(
-                    class_log_likelihoods(
-                        model, processor, texts, images, class_names, config.classification_kv_cache, config.precision
-                    )
-                )
-            scores = torch.stack(per_order, dim=-1).mean(-1)
+            scores = _classify_batch(
+                model, processor, config, batch, batch_images, demonstrations, class_names, num_shots, shuffler
+            )
             log_likelihoods.append(scores)
             for example, row in zip(batch, scores, strict=True):
                 predicted = int(row.argmax())
