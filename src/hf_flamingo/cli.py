@@ -6,8 +6,8 @@
     hf-flamingo demo --help
 
 Errors in the input (missing files, unreadable images, bad JSONL, a task's missing paths) are reported on stderr as
-`hf-flamingo <command>: error: ...` with exit code 1 (2 for command-line usage errors), without a traceback. Heavy
-imports (torch, transformers) happen only once a command runs.
+`hf-flamingo <command>: error: ...` with exit code 1 (2 for command-line usage errors), without a traceback. Inputs
+are checked before any model is loaded.
 """
 
 from __future__ import annotations
@@ -174,7 +174,6 @@ def _read_examples_jsonl(path: Path) -> list[tuple[Path, str]]:
 
 
 def _load_model_and_processor(model: str, device: str):
-    import torch  # noqa: F401  (imported here so that --help stays fast)
     from transformers import AutoProcessor
 
     from . import FlamingoForConditionalGeneration
@@ -188,6 +187,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .evaluation import prompts
     from .evaluation.datasets import load_image
 
+    model_source = _model_source(args.model)
     examples: list[tuple[Path, str]] = []
     if args.examples is not None:
         examples += _read_examples_jsonl(_existing_file(args.examples, "examples file"))
@@ -205,7 +205,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     )
     if args.show_prompt:
         print(prompt, file=sys.stderr)
-    model, processor = _load_model_and_processor(_model_source(args.model), args.device)
+    model, processor = _load_model_and_processor(model_source, args.device)
     from .evaluation.runner import generate_batch
 
     settings = prompts.GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
@@ -217,6 +217,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     from .evaluation.runner import EvaluationConfig, evaluate
 
+    model_source = _model_source(args.model)
     paths = {name: getattr(args, name) for name in _EVAL_PATH_FLAGS}
     for name, value in paths.items():
         if value is not None and not Path(value).exists():
@@ -244,7 +245,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         for name in _EVAL_PATH_FLAGS:
             message = message.replace(name, _flag(name))
         raise CommandLineError(message) from error
-    model, processor = _load_model_and_processor(_model_source(args.model), args.device)
+    model, processor = _load_model_and_processor(model_source, args.device)
     results = evaluate(model, processor, config, output_path=args.output, progress=not args.no_progress)
     for result in results.results:
         trials = ", ".join(f"{score:.2f}" for score in result.trials)
