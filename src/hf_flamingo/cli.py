@@ -82,7 +82,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("model", help="Directory (or Hub id) of a saved Flamingo model and processor.")
     parser.add_argument("--task", required=True, choices=TASKS, help="The benchmark.")
-    parser.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8, 16, 32], help="Numbers of shots.")
+    parser.add_argument(
+        "--shots", type=int, nargs="+", default=[0, 4, 8, 16, 32], help="Numbers of shots (default 0 4 8 16 32)."
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="One trial per seed (default 42).")
     parser.add_argument("--num-samples", type=int, default=-1, help="Test examples per trial (default: all).")
     parser.add_argument("--batch-size", type=int, default=8, help="Prompts per batch (default 8).")
