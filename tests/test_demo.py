@@ -165,16 +165,17 @@ def test_optimizer_gives_gates_ten_times_the_learning_rate(reloaded):
 def test_refuses_existing_file(tmp_path, capsys):
     path = tmp_path / "model"
     path.write_text("keep me")
-    assert main(["--output-dir", str(path), "--max-steps", "1"]) == 2
-    assert path.read_text() == "keep me"
-    assert "--overwrite" in capsys.readouterr().err
+    for overwrite in ([], ["--overwrite"]):
+        assert main(["--output-dir", str(path), "--max-steps", "1", *overwrite]) == 2
+        assert path.read_text() == "keep me"
+        assert "is an existing file" in capsys.readouterr().err
 
 
 def test_refuses_non_empty_directory(tmp_path, capsys):
     (tmp_path / "weights.bin").write_text("keep me")
     assert main(["--output-dir", str(tmp_path), "--max-steps", "1"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.bin"]
-    assert "non-empty directory" in capsys.readouterr().err
+    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_dataset_is_reproducible_and_well_formed():

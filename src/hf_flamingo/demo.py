@@ -512,21 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare_output_dir(output_dir: str | None, overwrite: bool) -> str:
-    """Returns the directory to save into, creating it; refuses to clobber existing content without `overwrite`.
+    """Returns the directory to save into, creating it; refuses to clobber existing content.
 
     Raises:
-        `FileExistsError`: If `output_dir` is a file, or a non-empty directory and `overwrite` is not set.
+        `FileExistsError`: If `output_dir` is an existing file (always), or a non-empty directory and `overwrite` is
+            not set (with `overwrite`, the model's files are written over those of the same name).
     """
     if output_dir is None:
         return tempfile.mkdtemp(prefix="hf-flamingo-demo-")
     if os.path.exists(output_dir):
         if not os.path.isdir(output_dir):
-            if not overwrite:
-                raise FileExistsError(
-                    f"--output-dir {output_dir!r} is an existing file; pass --overwrite to replace it."
-                )
-            os.remove(output_dir)
-        elif os.listdir(output_dir) and not overwrite:
+            raise FileExistsError(f"--output-dir {output_dir!r} is an existing file; give a directory path.")
+        if os.listdir(output_dir) and not overwrite:
             raise FileExistsError(
                 f"--output-dir {output_dir!r} is a non-empty directory; pass --overwrite to write into it or choose "
                 "another path."
