@@ -6,7 +6,7 @@ the distribution is entirely Trainer's / accelerate's.
     # Tiny random backbones and synthetic data (CPU, seconds):
     python examples/train.py --output-dir out
     torchrun --nproc_per_node 2 examples/train.py --output-dir out
-    accelerate launch --num_processes 2 examples/train.py --output-dir out
+    accelerate launch --multi_gpu --num_processes 2 examples/train.py --output-dir out  # also on CPU (gloo)
     # Real backbones (local directories or Hub ids), a 4-bit LM with LoRA adapters (QLoRA) on one GPU:
     python examples/train.py --vision-model openai/clip-vit-large-patch14 --language-model HuggingFaceTB/SmolLM2-135M \\
         --quantization 4bit --lora-r 16 --bf16 --output-dir out
