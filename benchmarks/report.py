@@ -317,6 +317,80 @@ def write_markdown(
             ),
             "",
         ]
+    w2_keys = [key for key in ("W2-5", "W2-20") if key in results]
+    if w2_keys:
+        rows = []
+        for key in w2_keys:
+            w2 = results[key]
+            stats = w2["stats"]
+            bare_name, features_name = w2["floor_names"]
+            rows.append(
+                (
+                    key,
+                    f"{stats[bare_name].median:.4f}",
+                    f"{stats[features_name].median:.4f}",
+                    f"{w2['floor_s']:.4f}",
+                    f"{stats['hf_flamingo'].median:.4f}",
+                    f"{stats['OpenFlamingo'].median:.4f}",
+                    f"{w2['ours_over_floor']:.2f}x",
+                    f"{stats['OpenFlamingo'].median / w2['floor_s']:.2f}x",
+                )
+            )
+        lines += [
+            "## W2 floors",
+            "",
+            "Floor = the bare language model on text-only prompts of the same lengths (same left padding, greedy, same "
+            "number of new tokens) + one pass of hf_flamingo's vision tower and perceiver over the 24 images. "
+            "OpenFlamingo / floor is the largest speed-up any implementation doing at least the floor's work could "
+            "reach.",
+            "",
+            *_table(
+                (
+                    "id",
+                    "bare LM (s)",
+                    "image features (s)",
+                    "floor (s)",
+                    "hf_flamingo (s)",
+                    "OpenFlamingo (s)",
+                    "hf_flamingo / floor",
+                    "OpenFlamingo / floor",
+                ),
+                rows,
+            ),
+            "",
+        ]
+    flop_rows = []
+    for key in ("W1", "W2-5", "W2-20", "W3"):
+        gflops = results.get(key, {}).get("gflops")
+        if not gflops:
+            continue
+        stats = results[key]["stats"]
+        floor = gflops.get("floor")
+        flop_rows.append(
+            (
+                key,
+                f"{gflops['hf_flamingo']:.1f}",
+                f"{gflops['OpenFlamingo']:.1f}",
+                "-" if floor is None else f"{floor:.1f}",
+                f"{gflops['OpenFlamingo'] / gflops['hf_flamingo']:.2f}x",
+                f"{stats['OpenFlamingo'].median / stats['hf_flamingo'].median:.2f}x",
+            )
+        )
+    if flop_rows:
+        lines += [
+            "## Counted FLOPs",
+            "",
+            "GFLOPs of the matrix products and attention of one run, counted by `torch.utils.flop_counter` (untimed; "
+            "elementwise work not counted). Floor = bare LM + image features, as above. Where the FLOP ratio is "
+            "close to 1, both models do the same arithmetic (mostly the vision tower and perceiver) and the speed-up "
+            "can only come from memory-bound decoding work.",
+            "",
+            *_table(
+                ("id", "hf_flamingo", "OpenFlamingo", "floor", "FLOP ratio (OpenFlamingo / hf_flamingo)", "speed-up"),
+                flop_rows,
+            ),
+            "",
+        ]
     if "W3" in results:
         w3 = results["W3"]
         lines += [

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from setups import Setup
 from timing import MB, Candidate, Stats, run_alternating
+from torch.utils.flop_counter import FlopCounterMode
 
 CAPTIONS = [
     "A man riding a wave on top of a white surfboard.",
@@ -153,11 +154,15 @@ def oracle_generate(setup: Setup, inputs: Inputs, **kwargs: Any) -> Callable[[],
     return run
 
 
-def bare_generate(setup: Setup, input_ids: torch.LongTensor, **kwargs: Any) -> Callable[[], torch.Tensor]:
+def bare_generate(
+    setup: Setup, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None = None, **kwargs: Any
+) -> Callable[[], torch.Tensor]:
+    """The bare LM decoding `input_ids` (left-padded when `attention_mask` has zeros) exactly like the Flamingo."""
     kwargs = dict(kwargs)
     kwargs.pop("eos_token_id", None)
     kwargs["pad_token_id"] = setup.bare_lm.config.eos_token_id if setup.bare_lm.config.eos_token_id is not None else 0
-    attention_mask = torch.ones_like(input_ids)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
 
     def run() -> torch.Tensor:
         with torch.inference_mode():
@@ -191,6 +196,45 @@ def identical(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a, b))
 
 
+def count_gflops(run: Callable[[], Any], *modules: torch.nn.Module, inference: bool = True) -> float:
+    """GFLOPs of the matrix products and attention in one `run()`, counted by `torch.utils.flop_counter` (one
+    multiply-add = 2 FLOPs; elementwise work not counted). Untimed.
+
+    For inference runs the parameters of `modules` are switched to `requires_grad=False` while counting: the
+    counter's module tracker cannot hook parameters that require grad under `torch.inference_mode()`.
+    """
+    saved = [(p, p.requires_grad) for module in modules for p in module.parameters()] if inference else []
+    for parameter, _ in saved:
+        parameter.requires_grad_(False)
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            run()
+    finally:
+        for parameter, flag in saved:
+            parameter.requires_grad_(flag)
+    return counter.get_total_flops() / 1e9
+
+
+def generation_gflops(
+    setup: Setup,
+    ours: Callable[[], Any],
+    oracle: Callable[[], Any],
+    bare: Callable[[], Any],
+    features: Callable[[], Any],
+) -> dict[str, float]:
+    """Counted GFLOPs of both Flamingos and of the floor's two parts (bare LM decoding, one image encoding)."""
+    models = (setup.ours, setup.oracle, setup.bare_lm)
+    counts = {
+        "hf_flamingo": count_gflops(ours, *models),
+        "OpenFlamingo": count_gflops(oracle, *models),
+        "bare LM": count_gflops(bare, *models),
+        "image features": count_gflops(features, *models),
+    }
+    counts["floor"] = counts["bare LM"] + counts["image features"]
+    return counts
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Workloads: each returns a JSON-able dict and keeps its `Stats` under "stats"
 
@@ -212,7 +256,15 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
         log=log,
     )
     floor = stats["bare LM (3 beams, 20 tokens)"].median + stats["hf_flamingo get_image_features (5 images)"].median
+    gflops = generation_gflops(
+        setup,
+        ours_generate(setup, inputs, **kwargs),
+        oracle_generate(setup, inputs, **kwargs),
+        bare_generate(setup, text_ids, **kwargs),
+        ours_image_features(setup, inputs.pixel_values),
+    )
     return {
+        "gflops": gflops,
         "prompt_tokens": int(inputs.input_ids.shape[1]),
         "images": int(inputs.pixel_values.shape[1]),
         "stats": stats,
@@ -223,19 +275,40 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
 
 
 def run_w2(setup: Setup, new_tokens: int, repeats: int, warmup: int, log=print) -> dict[str, Any]:
-    """2-shot VQA, batch 8 (left-padded), greedy, exactly `new_tokens` new tokens."""
+    """2-shot VQA, batch 8 (left-padded), greedy, exactly `new_tokens` new tokens; and its floor (the bare LM on
+    text-only prompts of the same lengths, same decoding, + one image encoding of the 24 images)."""
     inputs = w2_inputs(setup)
     kwargs = generation_kwargs(setup, new_tokens=new_tokens, num_beams=1)
+    bare_name = f"bare LM (B={inputs.input_ids.shape[0]}, {new_tokens} tokens)"
+    features_name = (
+        f"hf_flamingo get_image_features ({inputs.pixel_values.shape[0] * inputs.pixel_values.shape[1]} images)"
+    )
+    text_ids = text_only_ids(setup, inputs.input_ids)
+    bare = bare_generate(setup, text_ids, attention_mask=inputs.attention_mask, **kwargs)
     stats = run_alternating(
         [
             Candidate("hf_flamingo", ours_generate(setup, inputs, **kwargs)),
             Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
+            Candidate(bare_name, bare),
+            Candidate(features_name, ours_image_features(setup, inputs.pixel_values)),
         ],
         repeats=repeats,
         warmup=warmup,
         log=log,
     )
+    floor = stats[bare_name].median + stats[features_name].median
+    gflops = generation_gflops(
+        setup,
+        ours_generate(setup, inputs, **kwargs),
+        oracle_generate(setup, inputs, **kwargs),
+        bare,
+        ours_image_features(setup, inputs.pixel_values),
+    )
     return {
+        "floor_names": (bare_name, features_name),
+        "floor_s": floor,
+        "ours_over_floor": stats["hf_flamingo"].median / floor,
+        "gflops": gflops,
         "batch": int(inputs.input_ids.shape[0]),
         "prompt_tokens": [int(n) for n in inputs.attention_mask.sum(dim=1)],
         "stats": stats,
@@ -310,6 +383,12 @@ def run_w3(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
                 "hf_flamingo": _saved_for_backward_mb(ours_loss),
                 "OpenFlamingo": _saved_for_backward_mb(oracle_loss),
             }
+            ours.zero_grad(set_to_none=True)
+            oracle.zero_grad(set_to_none=True)
+            gflops = {
+                "hf_flamingo": count_gflops(step(ours_loss), inference=False),
+                "OpenFlamingo": count_gflops(step(oracle_loss), inference=False),
+            }
     finally:
         ours.zero_grad(set_to_none=True)
         oracle.zero_grad(set_to_none=True)
@@ -325,6 +404,7 @@ def run_w3(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
         "loss_abs_diff": abs(losses["hf_flamingo"] - losses["OpenFlamingo"]),
         "trainable_parameters": trainable,
         "saved_for_backward_mb": saved,
+        "gflops": gflops,
         "gradient_mb": {name: 4 * n / MB for name, n in trainable.items()},
     }
 

@@ -42,3 +42,12 @@ def test_benchmark_harness_runs_tiny_config(tmp_path):
     for workload in ("W1", "W2-5", "W2-20"):
         assert f"| {workload} generated token ids identical | true |" in text
     assert "## Acceptance targets" in text and "W1 floor" in text and "FLOP ratio" in text
+    assert "## W2 floors" in text
+    # Counted FLOPs: both models do positive work; OpenFlamingo never does less than hf_flamingo.
+    for workload in ("W1", "W2-5", "W2-20", "W3"):
+        row = re.search(
+            rf"^\| {re.escape(workload)} \| ([0-9.]+) \| ([0-9.]+) \| ", text.split("## Counted FLOPs")[1], re.M
+        )
+        assert row, f"no counted-FLOPs row for {workload}"
+        ours, theirs = float(row.group(1)), float(row.group(2))
+        assert 0 < ours <= theirs * 1.001, (workload, ours, theirs)
