@@ -67,7 +67,8 @@ def test_normalize_vqa_answer_hand_examples(raw, normalized):
 
 
 def test_normalize_matches_openflamingo_vqa_eval():
-    vqa_metric = pytest.importorskip("open_flamingo.eval.vqa_metric")
+    from open_flamingo.eval import vqa_metric
+
     reference = vqa_metric.VQAEval(None, None)
     samples = [
         "Two dogs.",
@@ -128,7 +129,6 @@ def test_cider_perfect_distinct_captions_is_1000():
 @requires_java
 def test_cider_matches_pycocoevalcap_coco_eval_steps(tmp_path):
     """Our CIDEr equals COCOEvalCap's steps run directly: COCO + loadRes, PTBTokenizer, Cider."""
-    pytest.importorskip("pycocotools")
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     from pycocotools.coco import COCO
@@ -242,3 +242,11 @@ def test_ok_vqa_stemmer_without_nltk_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "nltk", None)  # makes `import nltk` fail
     with pytest.raises(ImportError, match="pip install nltk inflection"):
         OKVQAStemmer()
+
+
+def test_cider_without_java_says_what_is_missing(monkeypatch):
+    import hf_flamingo.evaluation.metrics as metrics
+
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="CIDEr needs a Java runtime on PATH"):
+        compute_cider({1: "a dog"}, {1: ["a dog"]})

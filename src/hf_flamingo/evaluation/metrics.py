@@ -9,6 +9,7 @@ CIDEr-D on PTB-tokenised captions, exactly the steps `COCOEvalCap.evaluate` take
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Hashable, Mapping, Sequence
 
 __all__ = [
@@ -200,6 +201,11 @@ def compute_cider(predictions: Mapping[Hashable, str], references: Mapping[Hasha
         ) from error
     if not predictions:
         raise ValueError("compute_cider got no predictions.")
+    if shutil.which("java") is None:
+        raise RuntimeError(
+            "CIDEr needs a Java runtime on PATH: pycocoevalcap's PTB tokenizer runs `java` (e.g. `apt-get install "
+            "default-jre-headless`, or `conda install openjdk`)."
+        )
     missing = [image_id for image_id in predictions if not references.get(image_id)]
     if missing:
         raise KeyError(f"No reference captions for {len(missing)} predicted image ids, e.g. {missing[:3]}.")
