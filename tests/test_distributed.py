@@ -130,24 +130,38 @@ def test_device_map_with_disk_offload_keeps_no_split_modules_whole(saved_model, 
     assert torch.equal(_generate(model), reference)
 
 
-def test_fsdp_config_wraps_classes_that_exist():
-    """FSDP itself needs GPUs; check that examples/accelerate_configs/fsdp.yaml names wrap classes the model has."""
+def test_fsdp_config_wraps_classes_that_exist(monkeypatch):
+    """FSDP itself needs GPUs; check that the wrap policy of examples/accelerate_configs/fsdp.yaml resolves: with no
+    explicit class list, accelerate wraps `model._no_split_modules`, and every name there must be a class the model
+    contains (accelerate raises "Could not find the transformer layer class" otherwise)."""
     yaml = pytest.importorskip("yaml")
     from accelerate.utils.dataclasses import get_module_class_from_name
 
     config = yaml.safe_load((REPO / "examples" / "accelerate_configs" / "fsdp.yaml").read_text())
     fsdp = config["fsdp_config"]
     assert config["distributed_type"] == "FSDP" and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    names = fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp
     model = build_model("llama")
+    names = set(model._no_split_modules)
     for name in names:
         assert get_module_class_from_name(model, name) is not None, name
-        assert name in model._no_split_modules, name
-    # The blocks that hold most parameters are wrapped: the LM's decoder layers and Flamingo's own blocks.
-    assert {"LlamaDecoderLayer", "FlamingoGatedCrossAttentionBlock", "FlamingoPerceiverLayer"} <= set(names)
-    # Why the list is explicit: the aggregated `_no_split_modules` names a class this model does not contain, which
-    # accelerate's default (wrap `_no_split_modules`) rejects.
-    assert any(get_module_class_from_name(model, name) is None for name in model._no_split_modules)
+    # The blocks that hold most parameters are wrapped: the LM's decoder layers, the tower's encoder layers and
+    # Flamingo's own blocks. CLIP's `CLIPTextEmbeddings` (declared by CLIPVisionModel too) is dropped.
+    assert {
+        "LlamaDecoderLayer",
+        "CLIPEncoderLayer",
+        "FlamingoGatedCrossAttentionBlock",
+        "FlamingoPerceiverLayer",
+    } <= names
+    assert "CLIPTextEmbeddings" not in names
+    # accelerate's own resolution of the default policy (what `accelerate launch` does before wrapping).
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    plugin.set_auto_wrap_policy(model)
+    wrapped = {cls.__name__ for cls in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]}
+    assert {"LlamaDecoderLayer", "FlamingoGatedCrossAttentionBlock", "FlamingoPerceiverLayer"} <= wrapped
 
     deepspeed = yaml.safe_load((REPO / "examples" / "accelerate_configs" / "deepspeed_zero3.yaml").read_text())
     assert deepspeed["distributed_type"] == "DEEPSPEED" and deepspeed["deepspeed_config"]["zero_stage"] == 3

@@ -420,6 +420,10 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         self._language_model_takes_logits_to_keep = _accepts_argument(self.language_model, "logits_to_keep")
         self._embedding_grad_hook = None
         self.post_init()
+        # `post_init` collects the children's `_no_split_modules`, including classes a vision-only tower does not
+        # contain (e.g. CLIP's `CLIPTextEmbeddings`); FSDP's transformer auto-wrap refuses class names it cannot find.
+        present = {type(module).__name__ for module in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules if name in present}
 
     # ----------------------------------------------------------------------------------------------------------------
     # Construction helpers
