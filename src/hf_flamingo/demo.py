@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Where the trained model and processor are saved (default: a new temporary directory, kept).",
     )
     parser.add_argument("--overwrite", action="store_true", help="Write into an existing non-empty --output-dir.")
-    parser.add_argument("--max-steps", type=int, default=600, help="Training steps (default: 600).")
+    parser.add_argument("--max-steps", type=int, default=300, help="Training steps (default: 300).")
     parser.add_argument("--batch-size", type=int, default=16, help="Training batch size (default: 16).")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="Peak learning rate (default: 1e-3).")
     parser.add_argument(
