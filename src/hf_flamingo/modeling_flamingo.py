@@ -79,22 +79,18 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 # Below this many rows, CPU GEMM libraries (MKL in PyTorch's x86 builds) can pick a kernel several times slower than
 # the transposed product: measured 2.4-3x for 2-4 rows on the cross-attention shapes. Decoding with beams runs the
-# blocks on exactly such inputs (one token per beam). The transposed product only wins when the reduction is not wider
-# than the output (`to_q`, `to_out`, the feed-forward's up projection); on the down projection (2304 -> 576 in
-# OpenFlamingo-3B-sized blocks) it was 1.5-4x slower than the plain product when decoding.
+# blocks on exactly such inputs (one token per beam).
 _SMALL_BATCH_ROWS = 4
 
 
 def _linear(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`layer(hidden_states)`, computed as `(W @ xᵀ)ᵀ` for plain bias-free CPU linears on 2-4 rows whose input is not
-    wider than their output."""
+    """`layer(hidden_states)`, computed as `(W @ xᵀ)ᵀ` for plain bias-free CPU linears on 2-4 rows."""
     rows = hidden_states.numel() // hidden_states.shape[-1]
     if (
         type(layer) is not nn.Linear
         or layer.bias is not None
         or hidden_states.device.type != "cpu"
         or not 1 < rows <= _SMALL_BATCH_ROWS
-        or layer.in_features > layer.out_features
         or layer._forward_hooks
         or layer._forward_pre_hooks
         or hasattr(layer, "_hf_hook")
