@@ -134,21 +134,26 @@ def test_forward_generate_and_training_step_after_inference(checkpoints, bits):
     assert any(not torch.equal(p, b) for p, b in zip(trainable, before, strict=True))
 
 
-@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="the trap only exists on CPUs with AVX512-BF16")
-def test_the_4bit_trap_is_real_without_the_fix(tmp_path):
-    """Control: with bitsandbytes' default CPU repacking, an eval forward silently changes the gradients."""
+def _save_llama_and_clip(directory, hidden_size: int, intermediate_size: int, num_layers: int) -> None:
+    """Saves a random untied Llama (`directory/lm`) and a tiny CLIP tower (`directory/vision`)."""
     config = LlamaConfig(
         vocab_size=99,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         max_position_embeddings=64,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")
-    CLIPVisionModel(vision_config_for("clip")).save_pretrained(tmp_path / "vision")
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory / "lm")
+    CLIPVisionModel(vision_config_for("clip")).save_pretrained(directory / "vision")
+
+
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="the trap only exists on CPUs with AVX512-BF16")
+def test_the_4bit_trap_is_real_without_the_fix(tmp_path):
+    """Control: with bitsandbytes' default CPU repacking, an eval forward silently changes the gradients."""
+    _save_llama_and_clip(tmp_path, hidden_size=64, intermediate_size=128, num_layers=2)
 
     def load():
         model = FlamingoForConditionalGeneration.from_backbones(
@@ -202,18 +207,7 @@ def _relative_error(grads: dict[str, torch.Tensor], expected: dict[str, torch.Te
 
 def test_4bit_language_model_footprint(tmp_path):
     """A 4-bit LM (hidden 256, 4 layers) takes at most 0.35x its bfloat16 memory."""
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")
-    CLIPVisionModel(vision_config_for("clip")).save_pretrained(tmp_path / "vision")
+    _save_llama_and_clip(tmp_path, hidden_size=256, intermediate_size=1024, num_layers=4)
     footprints = {}
     for name, quantization_config in (("bf16", None), ("4bit", QUANTIZATION["4bit"]())):
         model = FlamingoForConditionalGeneration.from_backbones(
