@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput, logging
 from .configuration_flamingo import FlamingoConfig
 from .language_model_hooks import CrossAttentionConditioning, LanguageModelHooks
 from .modeling_mosaic_gpt import MosaicGPTForCausalLM
+from .quantization_utils import keep_4bit_layers_differentiable
 
 logger = logging.get_logger(__name__)
 
@@ -511,8 +512,6 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         if tokenizer is not None and len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
         model.freeze_backbones()
-        from .quantization_utils import keep_4bit_layers_differentiable
-
         keep_4bit_layers_differentiable(model)
         return model.eval()
 
@@ -527,8 +526,6 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         ([`~hf_flamingo.quantization_utils.keep_4bit_layers_differentiable`]).
         """
         loaded = super().from_pretrained(*args, **kwargs)
-        from .quantization_utils import keep_4bit_layers_differentiable
-
         # `output_loading_info=True` returns `(model, loading_info)`.
         keep_4bit_layers_differentiable(loaded[0] if isinstance(loaded, tuple) else loaded)
         return loaded
