@@ -201,16 +201,21 @@ def count_gflops(run: Callable[[], Any], *modules: torch.nn.Module, inference: b
     multiply-add = 2 FLOPs; elementwise work not counted). Untimed.
 
     For inference runs the parameters of `modules` are switched to `requires_grad=False` while counting: the
-    counter's module tracker cannot hook parameters that require grad under `torch.inference_mode()`.
+    counter's module tracker cannot hook parameters that require grad under `torch.inference_mode()`. oneDNN is
+    switched off while counting: the counter only knows aten's products, and hf_flamingo's oneDNN linears (see
+    `hf_flamingo.cpu_kernels`) compute the same products as the `F.linear` they then fall back to.
     """
     saved = [(p, p.requires_grad) for module in modules for p in module.parameters()] if inference else []
     for parameter, _ in saved:
         parameter.requires_grad_(False)
     counter = FlopCounterMode(display=False)
+    onednn_enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
     try:
         with counter:
             run()
     finally:
+        torch.backends.mkldnn.enabled = onednn_enabled
         for parameter, flag in saved:
             parameter.requires_grad_(flag)
     return counter.get_total_flops() / 1e9

@@ -3,6 +3,7 @@ unmodified causal language model through forward pre-hooks (OpenFlamingo v2 sema
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -26,6 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_flamingo import FlamingoConfig
+from .cpu_kernels import OneDNNLinearMode, module_linear
 from .language_model_hooks import CrossAttentionConditioning, LanguageModelHooks
 from .modeling_mosaic_gpt import MosaicGPTForCausalLM
 from .quantization_utils import keep_4bit_layers_differentiable
@@ -78,29 +80,6 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
-# Below this many rows, CPU GEMM libraries (MKL in PyTorch's x86 builds) can pick a kernel several times slower than
-# the transposed product: measured 2.4-3x for 2-4 rows on the cross-attention shapes. Decoding with beams runs the
-# blocks on exactly such inputs (one token per beam).
-_SMALL_BATCH_ROWS = 4
-
-
-def _linear(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`layer(hidden_states)`, computed as `(W @ xᵀ)ᵀ` for plain bias-free CPU linears on 2-4 rows."""
-    rows = hidden_states.numel() // hidden_states.shape[-1]
-    if (
-        type(layer) is not nn.Linear
-        or layer.bias is not None
-        or hidden_states.device.type != "cpu"
-        or not 1 < rows <= _SMALL_BATCH_ROWS
-        or layer._forward_hooks
-        or layer._forward_pre_hooks
-        or hasattr(layer, "_hf_hook")
-    ):
-        return layer(hidden_states)
-    flat = hidden_states.reshape(rows, hidden_states.shape[-1])
-    return torch.matmul(layer.weight, flat.t()).t().reshape(*hidden_states.shape[:-1], layer.out_features)
-
-
 class FlamingoFeedForward(nn.Sequential):
     """`Linear(GELU(Linear(LayerNorm(x))))`, without biases; state-dict keys `0` (norm), `1` (up) and `3` (down)."""
 
@@ -112,7 +91,7 @@ class FlamingoFeedForward(nn.Sequential):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         norm, up, activation, down = self
-        return _linear(down, activation(_linear(up, norm(hidden_states))))
+        return module_linear(down, activation(module_linear(up, norm(hidden_states))))
 
 
 class FlamingoPerceiverAttention(nn.Module):
@@ -139,12 +118,12 @@ class FlamingoPerceiverAttention(nn.Module):
         """
         features = self.norm_media(features)
         latents = self.norm_latents(latents)
-        query = _split_heads(self.to_q(latents), self.heads)
-        key, value = self.to_kv(torch.cat((features, latents), dim=1)).chunk(2, dim=-1)
+        query = _split_heads(module_linear(self.to_q, latents), self.heads)
+        key, value = module_linear(self.to_kv, torch.cat((features, latents), dim=1)).chunk(2, dim=-1)
         attended = F.scaled_dot_product_attention(
             query, _split_heads(key, self.heads), _split_heads(value, self.heads)
         )
-        return self.to_out(_merge_heads(attended))
+        return module_linear(self.to_out, _merge_heads(attended))
 
 
 class FlamingoPerceiverLayer(nn.ModuleList):
@@ -236,7 +215,7 @@ class FlamingoMaskedCrossAttention(nn.Module):
         Returns:
             `torch.Tensor` of shape `(batch, seq_len, dim)`.
         """
-        query = _split_heads(_linear(self.to_q, self.norm(hidden_states)), self.heads)
+        query = _split_heads(module_linear(self.to_q, self.norm(hidden_states)), self.heads)
         key, value = key_values.chunk(2, dim=-1)
         attended = F.scaled_dot_product_attention(
             query,
@@ -244,7 +223,7 @@ class FlamingoMaskedCrossAttention(nn.Module):
             _split_heads(value, self.heads),
             attn_mask=None if attention_bias is None else attention_bias.to(query.dtype),
         )
-        return _linear(self.to_out, _merge_heads(attended))
+        return module_linear(self.to_out, _merge_heads(attended))
 
 
 class FlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
@@ -273,7 +252,7 @@ class FlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
         Returns:
             `torch.Tensor` of shape `(batch, num_keys, 2 * xattn_heads * xattn_dim_head)`: keys, then values.
         """
-        return self.attn.to_kv(media.to(self.attn.to_kv.weight.dtype))
+        return module_linear(self.attn.to_kv, media.to(self.attn.to_kv.weight.dtype))
 
     def forward(
         self,
@@ -618,7 +597,10 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         vision_param = next(self.vision_model.parameters())
         flat = pixel_values.reshape(batch * num_images * num_frames, *pixel_values.shape[3:])
         flat = flat.to(device=vision_param.device, dtype=vision_param.dtype)
-        vision_outputs = self.vision_model(pixel_values=flat, output_hidden_states=True)
+        # On CPU the tower's float32 linears run through oneDNN where they need no gradient (see `cpu_kernels`); the
+        # tower itself is not modified.
+        with OneDNNLinearMode() if flat.device.type == "cpu" else contextlib.nullcontext():
+            vision_outputs = self.vision_model(pixel_values=flat, output_hidden_states=True)
         features = vision_outputs.hidden_states[self.config.vision_feature_layer]
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]

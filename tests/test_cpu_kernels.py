@@ -1,0 +1,207 @@
+"""`hf_flamingo.cpu_kernels`: float32 CPU linears through oneDNN where autograd records nothing, `F.linear` (or the
+module itself) everywhere else; and the model using them without changing its results or its gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_testers import build_model, interleaved_batch, open_gates
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hf_flamingo.cpu_kernels import OneDNNLinearMode, linear, module_linear, onednn_linear_applies
+
+ONEDNN_LINEAR = "mkldnn._linear_pointwise.default"
+ATEN_PRODUCTS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.linear.default"}
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records the name of every operator that reaches the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(run):
+    with _RecordOps() as recorder:
+        result = run()
+    return result, recorder.names
+
+
+def test_this_machine_has_the_onednn_linear():
+    # The rest of this file checks the oneDNN path itself; it must not silently test only the fallback.
+    assert torch.backends.mkldnn.is_available()
+    assert onednn_linear_applies(torch.ones(2, 3), torch.ones(4, 3)) is True
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (3, 48), (8, 1, 48), (2, 71, 48), (0, 48)], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_linear_equals_f_linear_through_onednn(shape, with_bias):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(80, 48), torch.randn(80) if with_bias else None
+    inputs = torch.randn(*shape)
+    result, ops = _ops(lambda: linear(inputs, weight, bias))
+    torch.testing.assert_close(result, F.linear(inputs, weight, bias), atol=2e-5, rtol=1e-5)
+    assert result.shape == (*shape[:-1], 80)
+    if inputs.numel():
+        assert ops == [ONEDNN_LINEAR]
+    # A transposed (non-contiguous) input gives the same numbers.
+    if len(shape) == 2 and shape[0] > 1:
+        transposed = inputs.t().contiguous().t()
+        torch.testing.assert_close(linear(transposed, weight, bias), result, atol=1e-6, rtol=0)
+
+
+def test_linear_falls_back_where_autograd_records():
+    torch.manual_seed(0)
+    weight = torch.randn(80, 48, requires_grad=True)
+    inputs = torch.randn(3, 48, requires_grad=True)
+    assert not onednn_linear_applies(inputs, weight)
+    result, ops = _ops(lambda: linear(inputs, weight))
+    assert ONEDNN_LINEAR not in ops
+    result.square().sum().backward()
+    expected_weight_grad, expected_input_grad = weight.grad.clone(), inputs.grad.clone()
+    weight.grad = inputs.grad = None
+    F.linear(inputs, weight).square().sum().backward()
+    torch.testing.assert_close(weight.grad, expected_weight_grad, atol=0, rtol=0)
+    torch.testing.assert_close(inputs.grad, expected_input_grad, atol=0, rtol=0)
+
+    # Frozen weight but an input that needs a gradient (e.g. a saliency map of the pixels): still autograd's path.
+    assert not onednn_linear_applies(inputs, weight.detach())
+    # Nothing needs a gradient (a frozen tower in training): oneDNN, even with grad mode on.
+    assert onednn_linear_applies(inputs.detach(), weight.detach())
+    with torch.no_grad():
+        assert onednn_linear_applies(inputs, weight)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["float64", "bfloat16", "1-D input", "switched off", "meta device"],
+)
+def test_linear_falls_back_outside_float32_cpu(case):
+    weight, inputs = torch.randn(8, 4), torch.randn(3, 4)
+    if case == "float64":
+        weight, inputs = weight.double(), inputs.double()
+    elif case == "bfloat16":
+        weight, inputs = weight.bfloat16(), inputs.bfloat16()
+    elif case == "1-D input":
+        inputs = inputs[0]
+    elif case == "meta device":
+        weight, inputs = weight.to("meta"), inputs.to("meta")
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=case != "switched off"):
+        assert not onednn_linear_applies(inputs, weight)
+        result, ops = _ops(lambda: linear(inputs, weight))
+    assert ONEDNN_LINEAR not in ops
+    assert result.shape == (*inputs.shape[:-1], 8)
+    if case != "meta device":
+        torch.testing.assert_close(result, F.linear(inputs, weight), atol=0, rtol=0)
+
+
+def test_module_linear_keeps_hooks_and_subclasses():
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 80, bias=False)
+    inputs = torch.randn(3, 1, 48)
+    with torch.no_grad():
+        result, ops = _ops(lambda: module_linear(layer, inputs))
+        assert ops == [ONEDNN_LINEAR]
+        torch.testing.assert_close(result, layer(inputs), atol=2e-5, rtol=1e-5)
+
+        seen = []
+        handle = layer.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+        module_linear(layer, inputs)
+        handle.remove()
+        assert seen == [(3, 1, 80)]
+
+        class ScaledLinear(nn.Linear):
+            def forward(self, hidden_states):
+                return 2 * super().forward(hidden_states)
+
+        scaled = ScaledLinear(48, 80, bias=False)
+        scaled.weight.copy_(layer.weight)
+        torch.testing.assert_close(module_linear(scaled, inputs), 2 * layer(inputs), atol=0, rtol=0)
+
+
+def test_mode_routes_only_f_linear():
+    torch.manual_seed(0)
+    tower = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.LayerNorm(16))
+    inputs = torch.randn(5, 7, 16)
+    with torch.no_grad():
+        expected = tower(inputs)
+        with OneDNNLinearMode():
+            result, ops = _ops(lambda: tower(inputs))
+    assert ops.count(ONEDNN_LINEAR) == 2
+    assert not ATEN_PRODUCTS & set(ops)
+    assert "aten.gelu.default" in ops and "aten.native_layer_norm.default" in ops
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = build_model("llama")
+    open_gates(model)
+    return model
+
+
+def test_image_features_use_onednn_and_match_sgemm(model):
+    pixel_values = interleaved_batch().pixel_values
+    with torch.no_grad():
+        result, ops = _ops(lambda: model.get_image_features(pixel_values))
+        with torch.backends.mkldnn.flags(enabled=False):
+            reference, reference_ops = _ops(lambda: model.get_image_features(pixel_values))
+    # Every product of the tower's and the perceiver's linears went through oneDNN; attention keeps its own kernels.
+    assert ops.count(ONEDNN_LINEAR) == reference_ops.count("aten.addmm.default") + reference_ops.count(
+        "aten.mm.default"
+    )
+    assert ops.count(ONEDNN_LINEAR) > 0
+    assert not {"aten.addmm.default", "aten.mm.default"} & set(ops)
+    torch.testing.assert_close(result, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_and_generation_match_sgemm(model):
+    batch = interleaved_batch()
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "pixel_values": batch.pixel_values}
+    settings = dict(max_new_tokens=5, min_new_tokens=5, num_beams=2, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        generated = model.generate(**inputs, **settings)
+        with torch.backends.mkldnn.flags(enabled=False):
+            reference_logits = model(**inputs).logits
+            reference_generated = model.generate(**inputs, **settings)
+    torch.testing.assert_close(logits, reference_logits, atol=1e-5, rtol=1e-5)
+    assert generated.tolist() == reference_generated.tolist()
+
+
+def test_training_gradients_do_not_use_onednn_for_trainable_weights(model):
+    """A frozen tower may use oneDNN in training (nothing to differentiate); the perceiver and the blocks, which
+    train, must go through autograd's products and get the same gradients as with oneDNN switched off."""
+    batch = interleaved_batch()
+    trainable = [p for name, p in model.named_parameters() if name.startswith(("perceiver", "gated_cross_attn"))]
+    frozen = [p for name, p in model.named_parameters() if name.startswith(("vision_model", "language_model"))]
+    saved = [(p, p.requires_grad) for p in trainable + frozen]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    try:
+        gradients = []
+        for enabled in (True, False):
+            model.zero_grad(set_to_none=True)
+            with torch.backends.mkldnn.flags(enabled=enabled):
+                loss = model(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    pixel_values=batch.pixel_values,
+                    labels=batch.input_ids,
+                ).loss
+                loss.backward()
+            gradients.append([p.grad.clone() for p in trainable])
+    finally:
+        model.zero_grad(set_to_none=True)
+        for parameter, flag in saved:
+            parameter.requires_grad_(flag)
+    assert all(gradient.abs().sum() > 0 for gradient in gradients[0])
+    for with_onednn, without in zip(*gradients, strict=True):
+        torch.testing.assert_close(with_onednn, without, atol=1e-5, rtol=1e-4)
