@@ -55,26 +55,35 @@ def test_linear_equals_f_linear_through_onednn(shape, with_bias):
         torch.testing.assert_close(linear(transposed, weight, bias), result, atol=1e-6, rtol=0)
 
 
-def test_linear_falls_back_where_autograd_records():
+def test_linear_under_autograd_gives_f_linear_gradients():
     torch.manual_seed(0)
     weight = torch.randn(80, 48, requires_grad=True)
-    inputs = torch.randn(3, 48, requires_grad=True)
-    assert not onednn_linear_applies(inputs, weight)
-    result, ops = _ops(lambda: linear(inputs, weight))
-    assert ONEDNN_LINEAR not in ops
-    result.square().sum().backward()
-    expected_weight_grad, expected_input_grad = weight.grad.clone(), inputs.grad.clone()
-    weight.grad = inputs.grad = None
-    F.linear(inputs, weight).square().sum().backward()
-    torch.testing.assert_close(weight.grad, expected_weight_grad, atol=0, rtol=0)
-    torch.testing.assert_close(inputs.grad, expected_input_grad, atol=0, rtol=0)
+    bias = torch.randn(80, requires_grad=True)
+    inputs = torch.randn(2, 5, 48, requires_grad=True)
+    grad_output = torch.randn(2, 5, 80)
+    result, ops = _ops(lambda: linear(inputs, weight, bias))
+    assert ops == [ONEDNN_LINEAR]
+    assert result.requires_grad
+    gradients = torch.autograd.grad(result, (inputs, weight, bias), grad_output, create_graph=True)
+    expected_result = F.linear(inputs, weight, bias)
+    expected = torch.autograd.grad(expected_result, (inputs, weight, bias), grad_output, create_graph=True)
+    torch.testing.assert_close(result, expected_result, atol=2e-5, rtol=1e-5)
+    for gradient, reference in zip(gradients, expected, strict=True):
+        torch.testing.assert_close(gradient, reference, atol=5e-5, rtol=1e-5)
 
-    # Frozen weight but an input that needs a gradient (e.g. a saliency map of the pixels): still autograd's path.
-    assert not onednn_linear_applies(inputs, weight.detach())
-    # Nothing needs a gradient (a frozen tower in training): oneDNN, even with grad mode on.
-    assert onednn_linear_applies(inputs.detach(), weight.detach())
-    with torch.no_grad():
-        assert onednn_linear_applies(inputs, weight)
+    # Double backward (e.g. a gradient penalty) goes through differentiable operations.
+    penalty = sum(gradient.square().sum() for gradient in gradients[:2])
+    expected_penalty = sum(gradient.square().sum() for gradient in expected[:2])
+    torch.testing.assert_close(
+        torch.autograd.grad(penalty, weight)[0], torch.autograd.grad(expected_penalty, weight)[0], atol=1e-3, rtol=1e-4
+    )
+
+    # Only the input needs a gradient (a frozen layer inside a trained model): the input gradient is oneDNN's too.
+    frozen_weight = weight.detach()
+    inputs_gradient = torch.autograd.grad(linear(inputs, frozen_weight).sum(), inputs)[0]
+    torch.testing.assert_close(
+        inputs_gradient, torch.autograd.grad(F.linear(inputs, frozen_weight).sum(), inputs)[0], atol=5e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -114,6 +123,14 @@ def test_module_linear_keeps_hooks_and_subclasses():
         module_linear(layer, inputs)
         handle.remove()
         assert seen == [(3, 1, 80)]
+
+        backward_seen = []
+        layer.register_full_backward_hook(lambda module, grad_input, grad_output: backward_seen.append(True))
+    with torch.enable_grad():
+        module_linear(layer, inputs.requires_grad_()).sum().backward()
+    assert backward_seen == [True]
+    inputs = inputs.detach()
+    with torch.no_grad():
 
         class ScaledLinear(nn.Linear):
             def forward(self, hidden_states):
@@ -174,9 +191,9 @@ def test_forward_and_generation_match_sgemm(model):
     assert generated.tolist() == reference_generated.tolist()
 
 
-def test_training_gradients_do_not_use_onednn_for_trainable_weights(model):
-    """A frozen tower may use oneDNN in training (nothing to differentiate); the perceiver and the blocks, which
-    train, must go through autograd's products and get the same gradients as with oneDNN switched off."""
+def test_training_gradients_match_sgemm(model):
+    """A training step with oneDNN (forward and input gradients of the perceiver's and blocks' linears, the frozen
+    tower's forward) gives the gradients of the same step with oneDNN switched off."""
     batch = interleaved_batch()
     trainable = [p for name, p in model.named_parameters() if name.startswith(("perceiver", "gated_cross_attn"))]
     frozen = [p for name, p in model.named_parameters() if name.startswith(("vision_model", "language_model"))]

@@ -6,9 +6,10 @@ AMD EPYC, torch 2.14, 2 threads): 10-25 % on the vision tower's and the perceive
 products of decoding (one token per sample or beam). The results differ from sgemm's only in the order of the
 summation (about 1e-6 relative).
 
-oneDNN's linear has no autograd formula, so it is used only where autograd records nothing (inference, or frozen
-weights on inputs that need no gradient, like a frozen vision tower during training). Everything else (other devices
-and dtypes, tensor subclasses such as quantized weights, `torch.compile` tracing) goes through `F.linear` unchanged.
+oneDNN's linear has no autograd formula of its own; where autograd records the product (training), an
+`autograd.Function` computes the forward and the input gradient with oneDNN and the weight gradient with
+`torch.matmul`. Everything else (other devices and dtypes, tensor subclasses such as quantized weights,
+`torch.compile` tracing) goes through `F.linear` unchanged.
 `with torch.backends.mkldnn.flags(enabled=False):` turns the oneDNN path off, e.g. to compare against sgemm.
 """
 
@@ -49,7 +50,6 @@ def onednn_linear_applies(input: torch.Tensor, weight: torch.Tensor, bias: torch
         and weight.dim() == 2
         and input.numel() > 0
         and all(_is_plain_cpu_float32(tensor) for tensor in tensors)
-        and not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors))
         and torch.backends.mkldnn.enabled
         and torch.backends.mkldnn.is_available()
         and not torch.compiler.is_compiling()
@@ -57,8 +57,43 @@ def onednn_linear_applies(input: torch.Tensor, weight: torch.Tensor, bias: torch
     )
 
 
+def _onednn_product(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _onednn_linear()(input, weight, bias, "none", [], "")
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """`F.linear` whose forward and input gradient are oneDNN products; the weight gradient is `torch.matmul` (oneDNN
+    was not faster there). The backward is built from differentiable operations, so double backward works."""
+
+    @staticmethod
+    def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _onednn_product(input, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        input, weight, bias = inputs
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        input, weight = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = linear(grad_output, weight.t())
+        if ctx.needs_input_grad[1]:
+            rows_out = grad_output.reshape(-1, grad_output.shape[-1])
+            grad_weight = torch.matmul(rows_out.t(), input.reshape(-1, input.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+        return grad_input, grad_weight, grad_bias
+
+
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(input, weight, bias)`, through oneDNN for float32 CPU tensors that need no gradient.
+    """`F.linear(input, weight, bias)`, through oneDNN for float32 CPU tensors.
+
+    Where autograd records the product, the forward and the input gradient use oneDNN and the weight gradient
+    `torch.matmul`.
 
     Args:
         input (`torch.Tensor` of shape `(*, in_features)`): The input.
@@ -68,9 +103,27 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     Returns:
         `torch.Tensor` of shape `(*, out_features)`.
     """
-    if onednn_linear_applies(input, weight, bias):
-        return _onednn_linear()(input, weight, bias, "none", [], "")
-    return F.linear(input, weight, bias)
+    if not onednn_linear_applies(input, weight, bias):
+        return F.linear(input, weight, bias)
+    tensors = (input, weight) if bias is None else (input, weight, bias)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+        return _OneDNNLinearFunction.apply(input, weight, bias)
+    return _onednn_product(input, weight, bias)
+
+
+def _has_hooks(layer: nn.Module) -> bool:
+    module = nn.modules.module
+    return bool(
+        layer._forward_hooks
+        or layer._forward_pre_hooks
+        or layer._backward_hooks
+        or layer._backward_pre_hooks
+        or hasattr(layer, "_hf_hook")
+        or module._global_forward_hooks
+        or module._global_forward_pre_hooks
+        or module._global_backward_hooks
+        or module._global_backward_pre_hooks
+    )
 
 
 def module_linear(layer: nn.Module, input: torch.Tensor) -> torch.Tensor:
@@ -80,18 +133,14 @@ def module_linear(layer: nn.Module, input: torch.Tensor) -> torch.Tensor:
     Layers with hooks (accelerate's offloading, DeepSpeed, user probes) and `nn.Linear` subclasses (quantized or adapter
     layers) are always called normally.
     """
-    if (
-        type(layer) is nn.Linear
-        and not (layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"))
-        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-        and onednn_linear_applies(input, layer.weight, layer.bias)
-    ):
-        return _onednn_linear()(input, layer.weight, layer.bias, "none", [], "")
+    if type(layer) is nn.Linear and not _has_hooks(layer) and onednn_linear_applies(input, layer.weight, layer.bias):
+        return linear(input, layer.weight, layer.bias)
     return layer(input)
 
 
 class OneDNNLinearMode(TorchFunctionMode):
-    """While active, every `F.linear` call (e.g. of the `nn.Linear` layers in a vision tower) goes through [`linear`].
+    """While active, the `F.linear` calls that autograd does not record (e.g. of a frozen vision tower's `nn.Linear`
+    layers) run through oneDNN.
 
     Used around modules Flamingo does not own, so that they run with oneDNN without being modified. Example:
 
@@ -104,5 +153,20 @@ class OneDNNLinearMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            return linear(*args, **kwargs)
+            return _linear_unless_recorded(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _linear_unless_recorded(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """oneDNN only where autograd records nothing; `F.linear` otherwise.
+
+    [`OneDNNLinearMode`] is active only around the call it wraps, while gradient checkpointing may recompute the
+    wrapped layers later, outside of it. Products that autograd records must therefore be the same `F.linear` both
+    times (checkpointing checks that the recomputation saves the same tensors).
+    """
+    tensors = (input, weight) if bias is None else (input, weight, bias)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+        return F.linear(input, weight, bias)
+    return linear(input, weight, bias)

@@ -3,7 +3,6 @@ unmodified causal language model through forward pre-hooks (OpenFlamingo v2 sema
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import os
@@ -78,6 +77,11 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     """`(batch, heads, length, head_dim)` -> `(batch, length, heads * head_dim)`."""
     batch, heads, length, head_dim = x.shape
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+# Images per vision-tower call on CPU outside training. For a ViT-B/16 at 224 px, 8 images keep the tower's returned
+# hidden states at 62 MB instead of 186 MB for 24 images, and were as fast or faster (2-core EPYC).
+_CPU_IMAGES_PER_CHUNK = 8
 
 
 class FlamingoFeedForward(nn.Sequential):
@@ -597,19 +601,29 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         vision_param = next(self.vision_model.parameters())
         flat = pixel_values.reshape(batch * num_images * num_frames, *pixel_values.shape[3:])
         flat = flat.to(device=vision_param.device, dtype=vision_param.dtype)
-        # On CPU the tower's float32 linears run through oneDNN where they need no gradient (see `cpu_kernels`); the
-        # tower itself is not modified.
-        with OneDNNLinearMode() if flat.device.type == "cpu" else contextlib.nullcontext():
-            vision_outputs = self.vision_model(pixel_values=flat, output_hidden_states=True)
+        if flat.device.type == "cpu":
+            # Through oneDNN where no gradient is needed (see `cpu_kernels`), without modifying the tower. Outside
+            # training, in chunks of images: the tower returns the hidden states of all its layers, and smaller
+            # activations stay in cache (training keeps one batch, for towers with batch statistics).
+            chunk_size = max(flat.shape[0], 1) if self.vision_model.training else _CPU_IMAGES_PER_CHUNK
+            with OneDNNLinearMode():
+                features = torch.cat([self._vision_features(chunk) for chunk in flat.split(chunk_size)])
+        else:
+            features = self._vision_features(flat)
+        perceiver_param = self.perceiver.latents
+        features = features.to(device=perceiver_param.device, dtype=perceiver_param.dtype)
+        features = features.reshape(batch, num_images, num_frames, *features.shape[1:])
+        return self.perceiver(features)
+
+    def _vision_features(self, images: torch.FloatTensor) -> torch.FloatTensor:
+        """The tower's features of `images` (`(num_images, channels, height, width)`) as the config selects them."""
+        vision_outputs = self.vision_model(pixel_values=images, output_hidden_states=True)
         features = vision_outputs.hidden_states[self.config.vision_feature_layer]
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
         if self.config.vision_feature_apply_post_layernorm:
             features = self._vision_post_layernorm()(features)
-        perceiver_param = self.perceiver.latents
-        features = features.to(device=perceiver_param.device, dtype=perceiver_param.dtype)
-        features = features.reshape(batch, num_images, num_frames, *features.shape[1:])
-        return self.perceiver(features)
+        return features
 
     def _vision_post_layernorm(self) -> nn.Module:
         for name, module in self.vision_model.named_modules():
