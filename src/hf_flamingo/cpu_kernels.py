@@ -1,4 +1,4 @@
-"""oneDNN matrix products for float32 inference on CPU.
+"""Float32 linear layers on CPU through oneDNN, for inference and training.
 
 PyTorch's x86 builds compute a float32 `F.linear` with MKL's sgemm. oneDNN, which PyTorch ships and uses for the CPU
 code `torch.compile` generates, computes the same products faster on the shapes Flamingo runs (measured on a 2-core
