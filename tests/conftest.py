@@ -47,3 +47,13 @@ def tiny_processor(fresh_tiny_tokenizer, tiny_image_processor):
     from hf_flamingo.processing_flamingo import FlamingoProcessor
 
     return FlamingoProcessor(image_processor=tiny_image_processor, tokenizer=fresh_tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def llama_model():
+    """A tiny Llama-backed Flamingo with its gates opened to random values; one per test module."""
+    from model_testers import build_model, open_gates
+
+    model = build_model("llama")
+    open_gates(model)
+    return model

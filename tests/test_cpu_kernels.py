@@ -4,7 +4,7 @@ module itself) everywhere else; and the model using them without changing its re
 import pytest
 import torch
 import torch.nn.functional as F
-from model_testers import build_model, interleaved_batch, open_gates
+from model_testers import interleaved_batch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -155,19 +155,12 @@ def test_mode_routes_only_f_linear():
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def model():
-    model = build_model("llama")
-    open_gates(model)
-    return model
-
-
-def test_image_features_use_onednn_and_match_sgemm(model):
+def test_image_features_use_onednn_and_match_sgemm(llama_model):
     pixel_values = interleaved_batch().pixel_values
     with torch.no_grad():
-        result, ops = _ops(lambda: model.get_image_features(pixel_values))
+        result, ops = _ops(lambda: llama_model.get_image_features(pixel_values))
         with torch.backends.mkldnn.flags(enabled=False):
-            reference, reference_ops = _ops(lambda: model.get_image_features(pixel_values))
+            reference, reference_ops = _ops(lambda: llama_model.get_image_features(pixel_values))
     # Every product of the tower's and the perceiver's linears went through oneDNN; attention keeps its own kernels.
     assert ops.count(ONEDNN_LINEAR) == reference_ops.count("aten.addmm.default") + reference_ops.count(
         "aten.mm.default"
@@ -177,26 +170,26 @@ def test_image_features_use_onednn_and_match_sgemm(model):
     torch.testing.assert_close(result, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_forward_and_generation_match_sgemm(model):
+def test_forward_and_generation_match_sgemm(llama_model):
     batch = interleaved_batch()
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "pixel_values": batch.pixel_values}
     settings = dict(max_new_tokens=5, min_new_tokens=5, num_beams=2, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        logits = model(**inputs).logits
-        generated = model.generate(**inputs, **settings)
+        logits = llama_model(**inputs).logits
+        generated = llama_model.generate(**inputs, **settings)
         with torch.backends.mkldnn.flags(enabled=False):
-            reference_logits = model(**inputs).logits
-            reference_generated = model.generate(**inputs, **settings)
+            reference_logits = llama_model(**inputs).logits
+            reference_generated = llama_model.generate(**inputs, **settings)
     torch.testing.assert_close(logits, reference_logits, atol=1e-5, rtol=1e-5)
     assert generated.tolist() == reference_generated.tolist()
 
 
-def test_training_gradients_match_sgemm(model):
+def test_training_gradients_match_sgemm(llama_model):
     """A training step with oneDNN (forward and input gradients of the perceiver's and blocks' linears, the frozen
     tower's forward) gives the gradients of the same step with oneDNN switched off."""
     batch = interleaved_batch()
-    trainable = [p for name, p in model.named_parameters() if name.startswith(("perceiver", "gated_cross_attn"))]
-    frozen = [p for name, p in model.named_parameters() if name.startswith(("vision_model", "language_model"))]
+    trainable = [p for name, p in llama_model.named_parameters() if name.startswith(("perceiver", "gated_cross_attn"))]
+    frozen = [p for name, p in llama_model.named_parameters() if name.startswith(("vision_model", "language_model"))]
     saved = [(p, p.requires_grad) for p in trainable + frozen]
     for parameter in frozen:
         parameter.requires_grad_(False)
@@ -205,9 +198,9 @@ def test_training_gradients_match_sgemm(model):
     try:
         gradients = []
         for enabled in (True, False):
-            model.zero_grad(set_to_none=True)
+            llama_model.zero_grad(set_to_none=True)
             with torch.backends.mkldnn.flags(enabled=enabled):
-                loss = model(
+                loss = llama_model(
                     input_ids=batch.input_ids,
                     attention_mask=batch.attention_mask,
                     pixel_values=batch.pixel_values,
@@ -216,7 +209,7 @@ def test_training_gradients_match_sgemm(model):
                 loss.backward()
             gradients.append([p.grad.clone() for p in trainable])
     finally:
-        model.zero_grad(set_to_none=True)
+        llama_model.zero_grad(set_to_none=True)
         for parameter, flag in saved:
             parameter.requires_grad_(flag)
     assert all(gradient.abs().sum() > 0 for gradient in gradients[0])

@@ -546,13 +546,6 @@ def test_from_backbones_rejects_non_models():
 # 7. Bad inputs
 
 
-@pytest.fixture(scope="module")
-def llama_model():
-    model = build_model("llama")
-    open_gates(model)
-    return model
-
-
 def test_more_image_tokens_than_images(llama_model):
     batch = interleaved_batch()
     with pytest.raises(ValueError, match=r"Sample 0 has 3 `<image>` tokens but only 2 image\(s\) per sample"):
