@@ -42,6 +42,11 @@ def _is_plain_cpu_float32(tensor: torch.Tensor) -> bool:
     return type(tensor) in _PLAIN_TENSOR_TYPES and tensor.dtype == torch.float32 and tensor.device.type == "cpu"
 
 
+def _autograd_records(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an operation on `tensors` (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors)
+
+
 def onednn_linear_applies(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether [`linear`] computes `F.linear(input, weight, bias)` with oneDNN."""
     tensors = (input, weight) if bias is None else (input, weight, bias)
@@ -78,14 +83,14 @@ class _OneDNNLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         input, weight = ctx.saved_tensors
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = linear(grad_output, weight.t())
         if ctx.needs_input_grad[1]:
-            rows_out = grad_output.reshape(-1, grad_output.shape[-1])
-            grad_weight = torch.matmul(rows_out.t(), input.reshape(-1, input.shape[-1]))
+            grad_weight = torch.matmul(grad_rows.t(), input.reshape(-1, input.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+            grad_bias = grad_rows.sum(0)
         return grad_input, grad_weight, grad_bias
 
 
@@ -105,8 +110,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """
     if not onednn_linear_applies(input, weight, bias):
         return F.linear(input, weight, bias)
-    tensors = (input, weight) if bias is None else (input, weight, bias)
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+    if _autograd_records(input, weight, bias):
         return _OneDNNLinearFunction.apply(input, weight, bias)
     return _onednn_product(input, weight, bias)
 
@@ -127,13 +131,13 @@ def _has_hooks(layer: nn.Module) -> bool:
 
 
 def module_linear(layer: nn.Module, input: torch.Tensor) -> torch.Tensor:
-    """`layer(input)`, computed by [`linear`] with oneDNN when that applies and `layer` is a plain `nn.Linear` that
-    nothing else intercepts; otherwise the layer is called normally.
+    """`layer(input)`, computed by [`linear`] when `layer` is a plain `nn.Linear` that nothing else intercepts (whose
+    forward is exactly `F.linear`); otherwise the layer is called normally.
 
     Layers with hooks (accelerate's offloading, DeepSpeed, user probes) and `nn.Linear` subclasses (quantized or adapter
     layers) are always called normally.
     """
-    if type(layer) is nn.Linear and not _has_hooks(layer) and onednn_linear_applies(input, layer.weight, layer.bias):
+    if type(layer) is nn.Linear and not _has_hooks(layer):
         return linear(input, layer.weight, layer.bias)
     return layer(input)
 
@@ -166,7 +170,6 @@ def _linear_unless_recorded(
     wrapped layers later, outside of it. Products that autograd records must therefore be the same `F.linear` both
     times (checkpointing checks that the recomputation saves the same tensors).
     """
-    tensors = (input, weight) if bias is None else (input, weight, bias)
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+    if _autograd_records(input, weight, bias):
         return F.linear(input, weight, bias)
     return linear(input, weight, bias)
