@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from timing import Stats
+from workloads import SAME_KERNELS
 
 WORKLOAD_TITLES = {
     "W1": "W1 4-shot captioning, B=1, 5 images, 3 beams, 20 new tokens",
@@ -128,6 +129,15 @@ def acceptance(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows.append(("W1 speed-up vs OpenFlamingo", ">= 3.0x", _x(w1), verdict(None if w1 is None else w1 >= 3.0)))
     floor = results["W1"]["ours_over_floor"] if "W1" in results else None
     rows.append(("W1 time / floor", "<= 1.3x", _x(floor), verdict(None if floor is None else floor <= 1.3)))
+    if "W1" in results:
+        rows.append(
+            (
+                "W1 time / floor with the bare LM on oneDNN products as in hf_flamingo (information, not a target)",
+                "-",
+                _x(results["W1"]["ours_over_floor_same_kernels"]),
+                "info",
+            )
+        )
     for key, required in (("W2-20", 2.0), ("W2-5", 1.4)):
         value = speedup(key)
         rows.append(
@@ -163,6 +173,14 @@ def acceptance(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 f"<= 1.15 x bare step x FLOP ratio = {w4['target_s'] * 1e3:.2f} ms",
                 f"{ours * 1e3:.2f} ms",
                 verdict(ours <= w4["target_s"]),
+            )
+        )
+        rows.append(
+            (
+                "W4 decode step against the bare LM on oneDNN products as in hf_flamingo (information)",
+                f"1.15 x bare step x FLOP ratio = {w4['target_same_kernels_s'] * 1e3:.2f} ms",
+                f"{ours * 1e3:.2f} ms",
+                "info: " + ("within" if ours <= w4["target_same_kernels_s"] else "over"),
             )
         )
     else:
@@ -313,8 +331,19 @@ def write_markdown(
                     ("floor", f"{w1['floor_s']:.4f}"),
                     ("hf_flamingo W1", f"{stats['hf_flamingo'].median:.4f}"),
                     ("hf_flamingo W1 / floor", f"{w1['ours_over_floor']:.2f}x"),
+                    (
+                        "bare LM with its products on oneDNN (as inside hf_flamingo on CPU)",
+                        f"{stats[SAME_KERNELS.format('3 beams, 20 tokens')].median:.4f}",
+                    ),
+                    ("floor with that LM", f"{w1['floor_same_kernels_s']:.4f}"),
+                    ("hf_flamingo W1 / that floor", f"{w1['ours_over_floor_same_kernels']:.2f}x"),
                 ],
             ),
+            "",
+            "On CPU, hf_flamingo runs its language model's float32 inference products through oneDNN (see "
+            "`hf_flamingo.cpu_kernels`), so it decodes faster than the bare LM as transformers runs it. The floor the "
+            "issue defines uses the latter; the last three rows compare against the bare LM with the same kernels, "
+            "where what remains is the cost of the cross-attention blocks themselves.",
             "",
         ]
     w2_keys = [key for key in ("W2-5", "W2-20") if key in results]
@@ -334,6 +363,8 @@ def write_markdown(
                     f"{stats['OpenFlamingo'].median:.4f}",
                     f"{w2['ours_over_floor']:.2f}x",
                     f"{stats['OpenFlamingo'].median / w2['floor_s']:.2f}x",
+                    f"{stats[w2['same_kernels_name']].median:.4f}",
+                    f"{w2['ours_over_floor_same_kernels']:.2f}x",
                 )
             )
         lines += [
@@ -354,6 +385,8 @@ def write_markdown(
                     "OpenFlamingo (s)",
                     "hf_flamingo / floor",
                     "OpenFlamingo / floor",
+                    "bare LM on oneDNN products (s)",
+                    "hf_flamingo / floor with that LM",
                 ),
                 rows,
             ),

@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if "W1" in results:
         print(
             f"  W1 floor {results['W1']['floor_s']:.3f} s; hf_flamingo W1 / floor = {results['W1']['ours_over_floor']:.2f}x"
+            f"; with the bare LM on oneDNN products {results['W1']['floor_same_kernels_s']:.3f} s, "
+            f"{results['W1']['ours_over_floor_same_kernels']:.2f}x"
         )
     if "W4" in results:
         w4 = results["W4"]

@@ -7,6 +7,7 @@ OpenFlamingo `vision_x = pixel_values.unsqueeze(2)` of shape (B, T_img, 1, 3, H,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,8 @@ import torch
 from setups import Setup
 from timing import MB, Candidate, Stats, run_alternating
 from torch.utils.flop_counter import FlopCounterMode
+
+from hf_flamingo.cpu_kernels import onednn_linears_on
 
 CAPTIONS = [
     "A man riding a wave on top of a white surfboard.",
@@ -38,6 +41,9 @@ VQA = [
     ("Why is the dog wet?", "swimming"),
 ]
 TRAIN_TOKENS = 128
+SAME_KERNELS = "bare LM, oneDNN products ({})"
+"""The bare LM with its products on oneDNN, as hf_flamingo runs its language model on CPU (a like-for-like floor)."""
+SAME_KERNELS_W4 = "bare LM, oneDNN products"
 
 
 @dataclass
@@ -155,17 +161,25 @@ def oracle_generate(setup: Setup, inputs: Inputs, **kwargs: Any) -> Callable[[],
 
 
 def bare_generate(
-    setup: Setup, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None = None, **kwargs: Any
+    setup: Setup,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor | None = None,
+    same_kernels: bool = False,
+    **kwargs: Any,
 ) -> Callable[[], torch.Tensor]:
-    """The bare LM decoding `input_ids` (left-padded when `attention_mask` has zeros) exactly like the Flamingo."""
+    """The bare LM decoding `input_ids` (left-padded when `attention_mask` has zeros) exactly like the Flamingo.
+
+    As transformers runs it; with `same_kernels`, with its products on oneDNN as inside hf_flamingo's forward on CPU.
+    """
     kwargs = dict(kwargs)
     kwargs.pop("eos_token_id", None)
     kwargs["pad_token_id"] = setup.bare_lm.config.eos_token_id if setup.bare_lm.config.eos_token_id is not None else 0
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    device = next(setup.bare_lm.parameters()).device
 
     def run() -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), onednn_linears_on(device) if same_kernels else contextlib.nullcontext():
             return setup.bare_lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     return run
@@ -254,13 +268,18 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
             Candidate("hf_flamingo", ours_generate(setup, inputs, **kwargs)),
             Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
             Candidate("bare LM (3 beams, 20 tokens)", bare_generate(setup, text_ids, **kwargs)),
+            Candidate(
+                SAME_KERNELS.format("3 beams, 20 tokens"), bare_generate(setup, text_ids, same_kernels=True, **kwargs)
+            ),
             Candidate("hf_flamingo get_image_features (5 images)", ours_image_features(setup, inputs.pixel_values)),
         ],
         repeats=repeats,
         warmup=warmup,
         log=log,
     )
-    floor = stats["bare LM (3 beams, 20 tokens)"].median + stats["hf_flamingo get_image_features (5 images)"].median
+    features = stats["hf_flamingo get_image_features (5 images)"].median
+    floor = stats["bare LM (3 beams, 20 tokens)"].median + features
+    floor_same_kernels = stats[SAME_KERNELS.format("3 beams, 20 tokens")].median + features
     gflops = generation_gflops(
         setup,
         ours_generate(setup, inputs, **kwargs),
@@ -276,6 +295,8 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
         "identical": identical(stats["hf_flamingo"].last_result, stats["OpenFlamingo"].last_result),
         "floor_s": floor,
         "ours_over_floor": stats["hf_flamingo"].median / floor,
+        "floor_same_kernels_s": floor_same_kernels,
+        "ours_over_floor_same_kernels": stats["hf_flamingo"].median / floor_same_kernels,
     }
 
 
@@ -285,6 +306,7 @@ def run_w2(setup: Setup, new_tokens: int, repeats: int, warmup: int, log=print) 
     inputs = w2_inputs(setup)
     kwargs = generation_kwargs(setup, new_tokens=new_tokens, num_beams=1)
     bare_name = f"bare LM (B={inputs.input_ids.shape[0]}, {new_tokens} tokens)"
+    same_kernels_name = SAME_KERNELS.format(f"B={inputs.input_ids.shape[0]}, {new_tokens} tokens")
     features_name = (
         f"hf_flamingo get_image_features ({inputs.pixel_values.shape[0] * inputs.pixel_values.shape[1]} images)"
     )
@@ -295,6 +317,10 @@ def run_w2(setup: Setup, new_tokens: int, repeats: int, warmup: int, log=print) 
             Candidate("hf_flamingo", ours_generate(setup, inputs, **kwargs)),
             Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
             Candidate(bare_name, bare),
+            Candidate(
+                same_kernels_name,
+                bare_generate(setup, text_ids, attention_mask=inputs.attention_mask, same_kernels=True, **kwargs),
+            ),
             Candidate(features_name, ours_image_features(setup, inputs.pixel_values)),
         ],
         repeats=repeats,
@@ -302,6 +328,7 @@ def run_w2(setup: Setup, new_tokens: int, repeats: int, warmup: int, log=print) 
         log=log,
     )
     floor = stats[bare_name].median + stats[features_name].median
+    floor_same_kernels = stats[same_kernels_name].median + stats[features_name].median
     gflops = generation_gflops(
         setup,
         ours_generate(setup, inputs, **kwargs),
@@ -313,6 +340,9 @@ def run_w2(setup: Setup, new_tokens: int, repeats: int, warmup: int, log=print) 
         "floor_names": (bare_name, features_name),
         "floor_s": floor,
         "ours_over_floor": stats["hf_flamingo"].median / floor,
+        "same_kernels_name": same_kernels_name,
+        "floor_same_kernels_s": floor_same_kernels,
+        "ours_over_floor_same_kernels": stats["hf_flamingo"].median / floor_same_kernels,
         "gflops": gflops,
         "batch": int(inputs.input_ids.shape[0]),
         "prompt_tokens": [int(n) for n in inputs.attention_mask.sum(dim=1)],
@@ -465,6 +495,7 @@ def run_w4(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
         "hf_flamingo": lambda n: ours_generate(setup, inputs, **generation_kwargs(setup, n, 1)),
         "OpenFlamingo": lambda n: oracle_generate(setup, inputs, **generation_kwargs(setup, n, 1)),
         "bare LM": lambda n: bare_generate(setup, text_ids, **generation_kwargs(setup, n, 1)),
+        SAME_KERNELS_W4: lambda n: bare_generate(setup, text_ids, same_kernels=True, **generation_kwargs(setup, n, 1)),
     }
     candidates = [Candidate(f"{name} {n} tok", make(n)) for name, make in models.items() for n in (short, long)]
     stats = run_alternating(candidates, repeats=repeats, warmup=warmup, log=log)
@@ -476,6 +507,7 @@ def run_w4(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
         paired[name] = [(a - b) / (long - short) for a, b in zip(s_long.seconds, s_short.seconds, strict=True)]
     flops = decode_flops(setup, context_length=inputs.input_ids.shape[1] + (long - short + 1) / 2)
     budget = 1.15 * per_token["bare LM"] * flops["flop_ratio"]
+    budget_same_kernels = 1.15 * per_token[SAME_KERNELS_W4] * flops["flop_ratio"]
     return {
         "prompt_tokens": int(inputs.input_ids.shape[1]),
         "stats": stats,
@@ -487,6 +519,7 @@ def run_w4(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
         ),
         "flops": flops,
         "target_s": budget,
+        "target_same_kernels_s": budget_same_kernels,
     }
 
 

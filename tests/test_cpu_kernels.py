@@ -32,6 +32,28 @@ def _ops(run):
     return result, recorder.names
 
 
+@pytest.fixture(autouse=True)
+def onednn_for_tiny_weights(monkeypatch):
+    """The tiny test models' weights are below the size from which oneDNN is used; these tests check the oneDNN
+    path itself, so it is used for every size here (except where a test restores the threshold)."""
+    from hf_flamingo import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "MIN_ONEDNN_WEIGHT_ELEMENTS", 0)
+
+
+def test_small_weights_stay_on_sgemm(monkeypatch):
+    from hf_flamingo import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "MIN_ONEDNN_WEIGHT_ELEMENTS", 2**16)
+    inputs = torch.randn(3, 256)
+    small, large = torch.randn(255, 256), torch.randn(256, 256)
+    result, ops = _ops(lambda: linear(inputs, small))
+    assert "aten.mm.default" in ops and ONEDNN_LINEAR not in ops
+    torch.testing.assert_close(result, F.linear(inputs, small), atol=0, rtol=0)
+    _, ops = _ops(lambda: linear(inputs, large))
+    assert ops == [ONEDNN_LINEAR]
+
+
 def test_this_machine_has_the_onednn_linear():
     # The rest of this file checks the oneDNN path itself; it must not silently test only the fallback.
     assert torch.backends.mkldnn.is_available()
@@ -168,6 +190,30 @@ def test_image_features_use_onednn_and_match_sgemm(llama_model):
     assert ops.count(ONEDNN_LINEAR) > 0
     assert not {"aten.addmm.default", "aten.mm.default"} & set(ops)
     torch.testing.assert_close(result, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_language_model_products_use_onednn_during_flamingo_inference_only(llama_model):
+    batch = interleaved_batch()
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "pixel_values": batch.pixel_values}
+    with torch.no_grad():
+        _, ops = _ops(lambda: llama_model(**inputs))
+        with torch.backends.mkldnn.flags(enabled=False):
+            _, reference_ops = _ops(lambda: llama_model(**inputs))
+        # Called alone afterwards, the language model runs its own kernels: it is not modified.
+        _, bare_ops = _ops(lambda: llama_model.language_model(input_ids=batch.input_ids))
+    lm_linears = sum(isinstance(module, nn.Linear) for module in llama_model.language_model.modules())
+    reference_products = reference_ops.count("aten.mm.default") + reference_ops.count("aten.addmm.default")
+    # Tower, perceiver, blocks and the language model: every product went through oneDNN.
+    assert ops.count(ONEDNN_LINEAR) == reference_products
+    assert not {"aten.mm.default", "aten.addmm.default"} & set(ops)
+    assert ONEDNN_LINEAR not in bare_ops
+    assert bare_ops.count("aten.mm.default") + bare_ops.count("aten.addmm.default") == lm_linears
+
+    # Products autograd records (training) keep the language model's kernels.
+    with torch.enable_grad():
+        _, training_ops = _ops(lambda: llama_model(**inputs, labels=batch.input_ids).loss.backward())
+    llama_model.zero_grad(set_to_none=True)
+    assert training_ops.count("aten.mm.default") + training_ops.count("aten.addmm.default") >= lm_linears
 
 
 def test_forward_and_generation_match_sgemm(llama_model):

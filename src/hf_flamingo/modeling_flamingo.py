@@ -26,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_flamingo import FlamingoConfig
-from .cpu_kernels import OneDNNLinearMode, module_linear
+from .cpu_kernels import module_linear, onednn_linears_on
 from .language_model_hooks import CrossAttentionConditioning, LanguageModelHooks
 from .modeling_mosaic_gpt import MosaicGPTForCausalLM
 from .quantization_utils import keep_4bit_layers_differentiable
@@ -606,7 +606,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             # training, in chunks of images: the tower returns the hidden states of all its layers, and smaller
             # activations stay in cache (training keeps one batch, for towers with batch statistics).
             chunk_size = max(flat.shape[0], 1) if self.vision_model.training else _CPU_IMAGES_PER_CHUNK
-            with OneDNNLinearMode():
+            with onednn_linears_on(flat.device):
                 features = torch.cat([self._vision_features(chunk) for chunk in flat.split(chunk_size)])
         else:
             features = self._vision_features(flat)
@@ -873,16 +873,20 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         )
         self._lm_hooks.set_conditioning(conditioning)
         try:
-            lm_outputs = self.language_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                labels=labels,
-                return_dict=True,
-                **kwargs,
-            )
+            # The language model is not modified: on CPU, its float32 products that autograd does not record run
+            # through oneDNN for the duration of this call (see `cpu_kernels`); recorded ones (training) keep its
+            # kernels.
+            with onednn_linears_on(input_ids.device):
+                lm_outputs = self.language_model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    use_cache=use_cache,
+                    labels=labels,
+                    return_dict=True,
+                    **kwargs,
+                )
         finally:
             # If checkpointed layers re-run their pre-hooks during backward, the conditioning must outlive this call
             # (it is overwritten by the next forward); otherwise forget it so the bare LM stays bare.
