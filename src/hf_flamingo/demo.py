@@ -9,7 +9,7 @@ Steps (`main` runs them in order):
 3. train the bridge (Perceiver Resampler + gated cross-attention; the backbones stay frozen) with `transformers.Trainer`;
 4. save with `save_pretrained` and reload with `AutoModelForImageTextToText` / `AutoProcessor`;
 5. caption held-out images from 2-shot prompts, greedily, and print the exact-match accuracy next to the accuracy of
-   the same prompts with the gates closed (which is exactly the bare language model).
+   the same prompts with the gates closed (which is the bare language model).
 
 Run it with `hf-flamingo demo` or `python examples/quickstart.py` (`--help` for the options).
 """
