@@ -43,7 +43,6 @@ VQA = [
 TRAIN_TOKENS = 128
 SAME_KERNELS = "bare LM, oneDNN products ({})"
 """The bare LM with its products on oneDNN, as hf_flamingo runs its language model on CPU (a like-for-like floor)."""
-SAME_KERNELS_W4 = "bare LM, oneDNN products"
 
 
 @dataclass
@@ -223,13 +222,10 @@ def count_gflops(run: Callable[[], Any], *modules: torch.nn.Module, inference: b
     for parameter, _ in saved:
         parameter.requires_grad_(False)
     counter = FlopCounterMode(display=False)
-    onednn_enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
     try:
-        with counter:
+        with torch.backends.mkldnn.flags(enabled=False), counter:
             run()
     finally:
-        torch.backends.mkldnn.enabled = onednn_enabled
         for parameter, flag in saved:
             parameter.requires_grad_(flag)
     return counter.get_total_flops() / 1e9
@@ -263,14 +259,13 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
     inputs = w1_inputs(setup)
     kwargs = generation_kwargs(setup, new_tokens=20, num_beams=3)
     text_ids = text_only_ids(setup, inputs.input_ids)
+    same_kernels_name = SAME_KERNELS.format("3 beams, 20 tokens")
     stats = run_alternating(
         [
             Candidate("hf_flamingo", ours_generate(setup, inputs, **kwargs)),
             Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
             Candidate("bare LM (3 beams, 20 tokens)", bare_generate(setup, text_ids, **kwargs)),
-            Candidate(
-                SAME_KERNELS.format("3 beams, 20 tokens"), bare_generate(setup, text_ids, same_kernels=True, **kwargs)
-            ),
+            Candidate(same_kernels_name, bare_generate(setup, text_ids, same_kernels=True, **kwargs)),
             Candidate("hf_flamingo get_image_features (5 images)", ours_image_features(setup, inputs.pixel_values)),
         ],
         repeats=repeats,
@@ -279,7 +274,7 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
     )
     features = stats["hf_flamingo get_image_features (5 images)"].median
     floor = stats["bare LM (3 beams, 20 tokens)"].median + features
-    floor_same_kernels = stats[SAME_KERNELS.format("3 beams, 20 tokens")].median + features
+    floor_same_kernels = stats[same_kernels_name].median + features
     gflops = generation_gflops(
         setup,
         ours_generate(setup, inputs, **kwargs),
@@ -295,6 +290,7 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
         "identical": identical(stats["hf_flamingo"].last_result, stats["OpenFlamingo"].last_result),
         "floor_s": floor,
         "ours_over_floor": stats["hf_flamingo"].median / floor,
+        "same_kernels_name": same_kernels_name,
         "floor_same_kernels_s": floor_same_kernels,
         "ours_over_floor_same_kernels": stats["hf_flamingo"].median / floor_same_kernels,
     }
@@ -491,11 +487,14 @@ def run_w4(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
     inputs = w1_inputs(setup)
     text_ids = text_only_ids(setup, inputs.input_ids)
     long, short = 21, 1
+    same_kernels_name = SAME_KERNELS.format("B=1, greedy")
     models = {
         "hf_flamingo": lambda n: ours_generate(setup, inputs, **generation_kwargs(setup, n, 1)),
         "OpenFlamingo": lambda n: oracle_generate(setup, inputs, **generation_kwargs(setup, n, 1)),
         "bare LM": lambda n: bare_generate(setup, text_ids, **generation_kwargs(setup, n, 1)),
-        SAME_KERNELS_W4: lambda n: bare_generate(setup, text_ids, same_kernels=True, **generation_kwargs(setup, n, 1)),
+        same_kernels_name: lambda n: bare_generate(
+            setup, text_ids, same_kernels=True, **generation_kwargs(setup, n, 1)
+        ),
     }
     candidates = [Candidate(f"{name} {n} tok", make(n)) for name, make in models.items() for n in (short, long)]
     stats = run_alternating(candidates, repeats=repeats, warmup=warmup, log=log)
@@ -507,7 +506,7 @@ def run_w4(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
         paired[name] = [(a - b) / (long - short) for a, b in zip(s_long.seconds, s_short.seconds, strict=True)]
     flops = decode_flops(setup, context_length=inputs.input_ids.shape[1] + (long - short + 1) / 2)
     budget = 1.15 * per_token["bare LM"] * flops["flop_ratio"]
-    budget_same_kernels = 1.15 * per_token[SAME_KERNELS_W4] * flops["flop_ratio"]
+    budget_same_kernels = 1.15 * per_token[same_kernels_name] * flops["flop_ratio"]
     return {
         "prompt_tokens": int(inputs.input_ids.shape[1]),
         "stats": stats,

@@ -188,6 +188,6 @@ def _linear_unless_recorded(
     wrapped layers later, outside of it. Products that autograd records must therefore be the same `F.linear` both
     times (checkpointing checks that the recomputation saves the same tensors).
     """
-    if _autograd_records(input, weight, bias):
+    if _autograd_records(input, weight, bias) or not onednn_linear_applies(input, weight, bias):
         return F.linear(input, weight, bias)
-    return linear(input, weight, bias)
+    return _onednn_product(input, weight, bias)
