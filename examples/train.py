@@ -208,12 +208,6 @@ def main(argv: list[str] | None = None) -> None:
     samples = synthetic_dataset(args.num_samples, image_size=64, seed=args.seed)
     model, processor = build(args, samples)
 
-    checkpointing = {}
-    if args.gradient_checkpointing:  # renamed `activation_checkpointing` in transformers 5.23
-        fields = TrainingArguments.__dataclass_fields__
-        checkpointing[
-            "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-        ] = True
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -224,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         weight_decay=0.0,
         max_grad_norm=1.0,
         bf16=args.bf16,
-        **checkpointing,
+        activation_checkpointing=args.gradient_checkpointing,
         logging_steps=max(1, args.max_steps // 10),
         save_strategy="no",
         report_to=[],

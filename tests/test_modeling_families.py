@@ -267,12 +267,12 @@ def test_generated_tokens_attend_to_last_prompt_image(family):
             attention_mask=full_mask,
             pixel_values=batch.pixel_values,
             position_ids=positions_from_mask(full_mask),
-            last_image_index=prompt_images,
+            token_image_index=torch.minimum((sequences == MEDIA_TOKEN_ID).cumsum(-1), prompt_images[:, None]),
         ).logits
     # Logits for new token k come from position prompt_len - 1 + k.
     torch.testing.assert_close(step_logits, full[:, prompt_len - 1 : -1], atol=2e-5, rtol=1e-5)
 
-    # Without `last_image_index` the forced `<image>` tokens would count as images that were never given.
+    # Without `token_image_index` the forced `<image>` tokens would count as images that were never given.
     with pytest.raises(ValueError, match="`<image>` tokens but only 3 image"):
         model(input_ids=sequences, attention_mask=full_mask, pixel_values=batch.pixel_values)
 

@@ -46,6 +46,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import hf_flamingo  # noqa: F401  (registers the Auto classes)
 from hf_flamingo import FlamingoConfig, FlamingoForConditionalGeneration
+from hf_flamingo.cache_compat import cache_from_output
 
 NUM_LATENTS = 8  # `perceiver_num_latents` of the tiny configs
 VISION_DIM = 32  # hidden size of the tiny vision encoders
@@ -235,7 +236,6 @@ def _trainable_grads(model, batch, labels) -> tuple[torch.Tensor, dict[str, torc
     return output.loss.detach(), grads
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_gives_same_gradients(use_reentrant):
     model = build_model("llama")
@@ -248,8 +248,8 @@ def test_gradient_checkpointing_gives_same_gradients(use_reentrant):
 
     loss_plain, grads_plain = _trainable_grads(model, batch, labels)
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-    assert model.is_gradient_checkpointing
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    assert model.is_activation_checkpointing
     assert model.language_model.model.layers[1].gradient_checkpointing
     loss_ckpt, grads_ckpt = _trainable_grads(model, batch, labels)
 
@@ -267,7 +267,7 @@ def test_gradient_checkpointing_gives_same_gradients(use_reentrant):
             assert f"gated_cross_attn_layers.{index}.{suffix}" in nonzero
     assert "perceiver.latents" in nonzero
 
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     _, grads_again = _trainable_grads(model, batch, labels)
     for name in grads_plain:
         torch.testing.assert_close(grads_again[name], grads_plain[name], rtol=0.0, atol=1e-6, msg=name)
@@ -593,7 +593,7 @@ def test_image_hidden_states_of_wrong_shape(llama_model):
         llama_model(input_ids=batch.input_ids, image_hidden_states=torch.zeros(1, 3, NUM_LATENTS, VISION_DIM))
 
 
-def test_cache_continuation_with_images_needs_last_image_index(llama_model):
+def test_cache_continuation_with_images_needs_token_image_index(llama_model):
     batch = interleaved_batch()
     with torch.no_grad():
         out = llama_model(
@@ -602,11 +602,13 @@ def test_cache_continuation_with_images_needs_last_image_index(llama_model):
             pixel_values=batch.pixel_values,
             use_cache=True,
         )
-        with pytest.raises(ValueError, match="requires `last_image_index`"):
+        with pytest.raises(
+            ValueError, match="Continuing from a non-empty cache with images needs `token_image_index`"
+        ):
             llama_model(
                 input_ids=torch.tensor([[30], [31]]),
                 attention_mask=torch.cat([batch.attention_mask, torch.ones(2, 1, dtype=torch.long)], dim=1),
-                past_key_values=out.past_key_values,
+                cache=cache_from_output(out),
                 image_hidden_states=out.image_hidden_states,
             )
 
@@ -813,7 +815,6 @@ def test_language_model_alone_is_bare_after_flamingo_forward():
     torch.testing.assert_close(lm_logits(model.language_model, batch), expected, **EXACT)
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_language_model_alone_is_bare_after_checkpointed_training_forward():
     """Training with gradient checkpointing must not leave the cross-attention conditioning on the decoder layers
     once forward and backward are done (transformers >= 5 checkpoints `forward`, so the pre-hooks do not re-run
@@ -822,7 +823,7 @@ def test_language_model_alone_is_bare_after_checkpointed_training_forward():
     open_gates(model)
     model.train()
     model.freeze_backbones()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     bare = bare_language_model(model).train()
     batch = interleaved_batch()
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
@@ -921,10 +922,10 @@ def test_manual_cache_continuation_matches_full_forward():
             pixel_values=batch.pixel_values,
             use_cache=True,
         )
-    assert prompt.past_key_values.get_seq_length() == batch.input_ids.shape[1]
+    assert cache_from_output(prompt).get_seq_length() == batch.input_ids.shape[1]
 
     # Two steps: an ordinary token, then an `<image>` token (which must not start a new image).
-    input_ids, attention_mask, cache = batch.input_ids, batch.attention_mask, prompt.past_key_values
+    input_ids, attention_mask, cache = batch.input_ids, batch.attention_mask, cache_from_output(prompt)
     first_step_logits = first_step_mask = None
     for next_token in ([[30], [31]], [[MEDIA_TOKEN_ID], [MEDIA_TOKEN_ID]]):
         next_token = torch.tensor(next_token)
@@ -934,18 +935,18 @@ def test_manual_cache_continuation_matches_full_forward():
             step = model(
                 input_ids=next_token,
                 attention_mask=attention_mask,
-                past_key_values=cache,
+                cache=cache,
                 image_hidden_states=prompt.image_hidden_states,
-                last_image_index=last_image_index,
+                token_image_index=last_image_index[:, None],
                 use_cache=True,
             )
             full = model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 pixel_values=batch.pixel_values,
-                last_image_index=last_image_index,
+                token_image_index=torch.minimum((input_ids == MEDIA_TOKEN_ID).cumsum(-1), last_image_index[:, None]),
             )
-        cache = step.past_key_values
+        cache = cache_from_output(step)
         if first_step_logits is None:
             first_step_logits, first_step_mask = step.logits[:, -1], attention_mask
         assert step.logits.shape == (2, 1, VOCAB_SIZE)
@@ -962,8 +963,8 @@ def test_manual_cache_continuation_matches_full_forward():
         step_first_image = model(
             input_ids=torch.tensor([[30], [31]]),
             attention_mask=first_step_mask,
-            past_key_values=fresh.past_key_values,
+            cache=cache_from_output(fresh),
             image_hidden_states=prompt.image_hidden_states,
-            last_image_index=torch.tensor([1, 1]),
+            token_image_index=torch.tensor([[1], [1]]),
         )
     assert (step_first_image.logits[:, -1] - first_step_logits).abs().max() > 1e-3

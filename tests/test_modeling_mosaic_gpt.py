@@ -18,6 +18,7 @@ from transformers.models.mpt import modeling_mpt
 
 import hf_flamingo  # noqa: F401  (registers the Auto classes)
 from hf_flamingo import MosaicGPTConfig, MosaicGPTForCausalLM
+from hf_flamingo.cache_compat import cache_from_output
 from hf_flamingo.conversion import mosaic_gpt as mosaic_gpt_conversion
 from hf_flamingo.conversion.mosaic_gpt import mosaic_gpt_state_dict_from_remote_code, mosaic_gpt_to_mpt
 from hf_flamingo.modeling_mosaic_gpt import MosaicGPTLayerNorm, alibi_slopes
@@ -293,7 +294,7 @@ def test_stepwise_decoding_with_dynamic_cache_matches_full_forward():
         out = model(
             input_ids[:, :prompt_length],
             attention_mask=attention_mask[:, :prompt_length],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         steps = [out.logits]
@@ -301,11 +302,11 @@ def test_stepwise_decoding_with_dynamic_cache_matches_full_forward():
             out = model(
                 input_ids[:, position : position + 1],
                 attention_mask=attention_mask[:, : position + 1],
-                past_key_values=out.past_key_values,
+                cache=cache_from_output(out),
                 use_cache=True,
             )
             steps.append(out.logits)
-    assert out.past_key_values is cache and cache.get_seq_length() == input_ids.shape[1]
+    assert cache_from_output(out) is cache and cache.get_seq_length() == input_ids.shape[1]
     assert max_diff_on(torch.cat(steps, dim=1), full, attention_mask) <= 1e-5
 
 

@@ -129,12 +129,12 @@ def test_trainer_with_gradient_checkpointing_takes_the_same_steps(tiny_processor
         model = _model(tiny_processor)
         trainer = Trainer(
             model=model,
-            args=_args(tmp_path, gradient_checkpointing=checkpointing, max_steps=1),
+            args=_args(tmp_path, activation_checkpointing=checkpointing, max_steps=1),
             train_dataset=_processed_features(tiny_processor),
             data_collator=FlamingoDataCollator(tiny_processor),
         )
         trainer.train()
-        assert model.is_gradient_checkpointing == checkpointing
+        assert model.is_activation_checkpointing == checkpointing
         params[checkpointing] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for name, value in params[False].items():
         torch.testing.assert_close(params[True][name], value, atol=1e-6, rtol=1e-5, msg=name)

@@ -4,22 +4,32 @@ This module is the only place that reaches into the language model. It finds the
 pre-hook on each layer that is preceded by a gated cross-attention block, and hands the per-forward conditioning to
 those hooks. The language model's classes, modules and state-dict keys are never changed.
 
-The conditioning is stored on the hooked layer objects themselves (outside `nn.Module`'s registries) rather than in a
-closure or a context variable: gradient checkpointing may re-run a layer, and with it its pre-hooks, during the
-backward pass, after the Flamingo forward has returned, possibly on another thread.
+The conditioning of a forward pass is never stored on the language model's modules. `LanguageModelHooks.conditioning`
+pushes it onto a stack private to the calling thread for the duration of the language model's call, and the hooks
+read the top of that stack. Calls from several threads on one model therefore never see each other's images, and
+the language model called on its own (no conditioning pushed in that thread) is the bare model. Gradient checkpointing
+re-runs a layer's `forward` during backward, after the stack was popped; that is safe because transformers'
+`GradientCheckpointingLayer` (every decoder layer of its causal LMs since 5.23) checkpoints `forward`, not `__call__`,
+so the pre-hooks run once, outside the checkpoint. Language models that checkpoint their layers some other way are
+refused (see `LanguageModelHooks.check_gradient_checkpointing`).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import functools
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
-_CONDITIONING_ATTR = "_flamingo_conditioning"
+# Per thread: a stack of `{decoder layer index: CrossAttentionConditioning}`, one entry per active Flamingo forward.
+_active = threading.local()
 
 
 @dataclass
@@ -63,10 +73,18 @@ def _to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tenso
     return tensor if tensor is None else tensor.to(device, non_blocking=True)
 
 
+def _active_conditionings() -> list[Mapping[int, CrossAttentionConditioning]]:
+    stack = getattr(_active, "stack", None)
+    if stack is None:
+        stack = _active.stack = []
+    return stack
+
+
 def _cross_attention_pre_hook(
-    layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, layer_index: int
 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    conditioning: CrossAttentionConditioning | None = layer.__dict__.get(_CONDITIONING_ATTR)
+    stack = _active_conditionings()
+    conditioning = stack[-1].get(layer_index) if stack else None
     if conditioning is None:
         return None
     if args:
@@ -77,6 +95,10 @@ def _cross_attention_pre_hook(
         f"{type(layer).__name__} was called without positional arguments and without a `hidden_states` keyword "
         f"(got keywords {sorted(kwargs)}); Flamingo cannot tell which input is the residual stream."
     )
+
+
+def _is_cross_attention_pre_hook(hook: Any) -> bool:
+    return isinstance(hook, functools.partial) and hook.func is _cross_attention_pre_hook
 
 
 def _resolve_module_path(root: nn.Module, path: str) -> nn.Module:
@@ -171,44 +193,59 @@ class LanguageModelHooks:
             )
         for index in self.layer_indices:
             layer = layers[index]
-            layer.register_forward_pre_hook(_cross_attention_pre_hook, with_kwargs=True)
+            layer.register_forward_pre_hook(
+                functools.partial(_cross_attention_pre_hook, layer_index=index), with_kwargs=True
+            )
             self._hooked_layers[index] = layer
 
     def detach(self) -> None:
-        """Removes the pre-hooks and any stored conditioning."""
+        """Removes the pre-hooks."""
         for layer in self._hooked_layers.values():
             for hook_id, hook in list(layer._forward_pre_hooks.items()):
-                if hook is _cross_attention_pre_hook:
+                if _is_cross_attention_pre_hook(hook):
                     del layer._forward_pre_hooks[hook_id]
                     layer._forward_pre_hooks_with_kwargs.pop(hook_id, None)
-            layer.__dict__.pop(_CONDITIONING_ATTR, None)
         self._hooked_layers = {}
 
     @property
     def hooked_layers(self) -> Mapping[int, nn.Module]:
         return dict(self._hooked_layers)
 
-    def layers_rerun_pre_hooks_in_backward(self) -> bool:
-        """Whether checkpointed layers re-run their pre-hooks when recomputed during backward.
+    @contextmanager
+    def conditioning(self, conditionings: Mapping[int, CrossAttentionConditioning]) -> Iterator[None]:
+        """Makes the hooks apply `conditionings` (decoder layer index -> conditioning) to the language-model calls
+        this thread makes inside the `with` block."""
+        missing = sorted(set(self._hooked_layers) - set(conditionings))
+        if missing:
+            raise ValueError(f"No cross-attention conditioning for hooked decoder layers {missing}.")
+        stack = _active_conditionings()
+        stack.append(conditionings)
+        try:
+            yield
+        finally:
+            stack.pop()
 
-        That happens when gradient checkpointing wraps the layers' `__call__` (transformers <= 5.18); from 5.23 it
-        wraps `forward`, and the hooks stay outside the checkpoint.
+    def check_gradient_checkpointing(self, language_model: nn.Module) -> None:
+        """Refuses language models whose gradient checkpointing would re-run the pre-hooks during backward.
+
+        transformers' `GradientCheckpointingLayer` checkpoints `forward`, so the hooks run once, in the forward
+        pass. A layer checkpointed by other means (e.g. remote code calling `checkpoint(layer.__call__, ...)`) would
+        re-run its hook during backward, when this forward's conditioning is gone, and compute different values.
+
+        Raises:
+            NotImplementedError: If `language_model` checkpoints and a hooked layer is not a
+                `GradientCheckpointingLayer`.
         """
-        return any(
-            getattr(layer, "gradient_checkpointing", False) and type(layer).__call__ is not nn.Module.__call__
-            for layer in self._hooked_layers.values()
-        )
-
-    def set_conditioning(self, conditionings: Mapping[int, CrossAttentionConditioning]) -> None:
-        """Stores each layer's conditioning for the coming forward pass (overwriting the previous one)."""
+        if not any(getattr(module, "gradient_checkpointing", False) for module in language_model.modules()):
+            return
         for index, layer in self._hooked_layers.items():
-            # object.__setattr__ keeps the state out of nn.Module's parameter/buffer/submodule registries.
-            object.__setattr__(layer, _CONDITIONING_ATTR, conditionings[index])
-
-    def clear_conditioning(self) -> None:
-        """Forgets the stored conditioning, so that calling the language model alone runs the bare model."""
-        for layer in self._hooked_layers.values():
-            layer.__dict__.pop(_CONDITIONING_ATTR, None)
+            if not isinstance(layer, GradientCheckpointingLayer):
+                raise NotImplementedError(
+                    f"Gradient checkpointing is on, but decoder layer {index} ({type(layer).__name__}) is not a "
+                    "transformers `GradientCheckpointingLayer`: the language model would re-run the layer, and "
+                    "Flamingo's cross-attention hook with it, during backward without the images. Use gradient "
+                    "checkpointing only with language models whose layers subclass `GradientCheckpointingLayer`."
+                )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LanguageModelHooks:
         # The copied model's layers carry copies of the hooks; map this object's layer references onto them.

@@ -23,10 +23,13 @@ from transformers import (
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
 
+from .cache_compat import CACHE_NAME, LEGACY_CACHE_NAME, cache_argument_name, cache_from_output, merge_cache_arguments
 from .configuration_flamingo import FlamingoConfig
 from .cpu_kernels import module_linear, onednn_linears_on
+from .generation_flamingo import FlamingoGenerationImages
 from .language_model_hooks import CrossAttentionConditioning, LanguageModelHooks
 from .modeling_mosaic_gpt import MosaicGPTForCausalLM
 from .quantization_utils import keep_4bit_layers_differentiable
@@ -35,36 +38,21 @@ logger = logging.get_logger(__name__)
 
 
 @dataclass
-class FlamingoCausalLMOutputWithPast(ModelOutput):
+class FlamingoCausalLMOutputWithPast(CausalLMOutputWithPast):
     """
-    Output of [`FlamingoForConditionalGeneration`].
+    Output of [`FlamingoForConditionalGeneration`]: transformers' [`~modeling_outputs.CausalLMOutputWithPast`] (`loss`,
+    `logits`, the cache, `hidden_states`, `attentions`, all from the language model) and the image latents.
+
+    The cache field has the name the installed transformers gives it, so that `generate` finds it: `cache` from
+    transformers 5.24 on, `past_key_values` before (`hf_flamingo.cache_compat.CACHE_NAME`).
 
     Args:
-        loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
-            Next-token prediction loss of the language model.
-        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-            Prediction scores of the language modelling head.
-        past_key_values (`Cache`, *optional*, returned when `use_cache=True`):
-            The language model's key/value cache.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-            The language model's hidden states.
-        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
-            The language model's self-attention weights.
         image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, vision_hidden_size)`, *optional*):
             The Perceiver Resampler's output for the images of this call; pass it back as `image_hidden_states` to
             skip re-encoding the images.
-        cross_attention_states (`torch.FloatTensor` of shape `(batch_size, num_blocks, num_keys, 2 * xattn_heads * xattn_dim_head)`, *optional*, returned when `cross_attention_states` was given):
-            The keys and values that tokens continuing from this call's cache attend to (with
-            `only_attend_immediate_media`, only each sample's last image); `generate` feeds them to the next step.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
-    cross_attention_states: torch.FloatTensor | None = None
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -291,31 +279,29 @@ class FlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
 
 
 def build_cross_attention_mask(
-    text_time: torch.LongTensor, num_images: int, num_latents: int, only_immediate: bool, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Builds the cross-attention mask from each token's image index.
+    token_image_index: torch.LongTensor, num_images: int, num_latents: int, only_immediate: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """Builds the additive cross-attention mask from each token's image index.
 
     Args:
-        text_time (`torch.LongTensor` of shape `(batch, seq_len)`):
-            1-based index of the most recent image for every token (0 before the first image).
+        token_image_index (`torch.LongTensor` of shape `(batch, seq_len)`):
+            1-based index of the image every token attends to (0: none).
         num_images (`int`): Number of images per sample (after padding).
         num_latents (`int`): Latents per image.
-        only_immediate (`bool`): Attend only to the most recent image, or to all images up to it.
-        dtype (`torch.dtype`): Dtype of the additive mask.
+        only_immediate (`bool`): Attend only to that image, or to all images up to it.
+        dtype (`torch.dtype`): Dtype of the mask.
 
     Returns:
-        `tuple(torch.Tensor, torch.Tensor)`: the additive mask of shape `(batch, 1, seq_len, num_images * num_latents)`
-        and the boolean `media_rows` of shape `(batch, seq_len, 1)`, `True` for tokens that have an image.
+        `torch.Tensor` of shape `(batch, 1, seq_len, num_images * num_latents)`: 0 where a token may attend, the
+        dtype's minimum elsewhere. Tokens without an image may attend anywhere (keeping the softmax finite); their
+        attention output is zeroed by the block.
     """
-    key_image = torch.arange(1, num_images + 1, device=text_time.device).repeat_interleave(num_latents)
-    query_image = text_time.unsqueeze(-1)
+    key_image = torch.arange(1, num_images + 1, device=token_image_index.device).repeat_interleave(num_latents)
+    query_image = token_image_index.unsqueeze(-1)
     allowed = query_image == key_image if only_immediate else query_image >= key_image
-    media_rows = text_time > 0
-    # Rows with no image may attend anywhere (keeping the softmax finite); their output is zeroed afterwards.
-    allowed = allowed | ~media_rows.unsqueeze(-1)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=text_time.device)
-    bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)
-    return bias.unsqueeze(1), media_rows.unsqueeze(-1)
+    allowed = allowed | (query_image == 0)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=token_image_index.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
 class FlamingoPreTrainedModel(PreTrainedModel):
@@ -326,7 +312,7 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["FlamingoGatedCrossAttentionBlock", "FlamingoPerceiverLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME, LEGACY_CACHE_NAME]
     # Quantization (`from_pretrained(..., quantization_config=...)`): transformers 5 quantizers (bitsandbytes and the
     # others) never convert the modules listed here, so only the language model's linears are quantized (its
     # `lm_head` is kept by the quantizer's own default, through `get_output_embeddings`). Patterns are anchored at the
@@ -400,8 +386,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             language_model if language_model is not None else _causal_lm_from_config(config.text_config)
         )
         self._lm_hooks = LanguageModelHooks(config.cross_attention_layer_indices())
-        self._lm_hooks.attach(self.language_model, config.num_text_layers, config.decoder_layers_attr)
-        self._language_model_takes_logits_to_keep = _accepts_argument(self.language_model, "logits_to_keep")
+        self._bind_language_model()
         self._embedding_grad_hook = None
         self.post_init()
         # `post_init` collects the children's `_no_split_modules`, including classes a vision-only tower does not
@@ -566,8 +551,14 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         self._lm_hooks.detach()
         self.language_model = language_model
         self.config.text_config = language_model.config
-        self._lm_hooks.attach(language_model, self.config.num_text_layers, self.config.decoder_layers_attr)
-        self._language_model_takes_logits_to_keep = _accepts_argument(language_model, "logits_to_keep")
+        self._bind_language_model()
+
+    def _bind_language_model(self) -> None:
+        """Hooks the blocks onto `self.language_model` and notes how its `forward` takes the cache and
+        `logits_to_keep`."""
+        self._lm_hooks.attach(self.language_model, self.config.num_text_layers, self.config.decoder_layers_attr)
+        self._lm_cache_argument = cache_argument_name(self.language_model)
+        self._language_model_takes_logits_to_keep = _accepts_argument(self.language_model, "logits_to_keep")
 
     @property
     def decoder_layers_path(self) -> str | None:
@@ -658,39 +649,72 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             )
         return image_hidden_states
 
-    def _image_index_per_token(
+    def _resolve_cross_attention_states(
+        self, input_ids: torch.LongTensor, cross_attention_states: torch.FloatTensor
+    ) -> torch.FloatTensor:
+        """Checks precomputed keys/values against the model and the batch."""
+        num_blocks, num_latents = len(self.gated_cross_attn_layers), self.config.perceiver_num_latents
+        width = 2 * self.config.xattn_heads * self.config.xattn_dim_head
+        if cross_attention_states.ndim != 4:
+            raise ValueError(
+                "`cross_attention_states` must have shape (batch_size, num_blocks, num_images * num_latents, "
+                f"{width}), got {tuple(cross_attention_states.shape)}."
+            )
+        if cross_attention_states.shape[1] != num_blocks:
+            raise ValueError(
+                f"`cross_attention_states` holds keys/values for {cross_attention_states.shape[1]} blocks, the model "
+                f"has {num_blocks}."
+            )
+        if cross_attention_states.shape[2] % num_latents or cross_attention_states.shape[3] != width:
+            raise ValueError(
+                f"`cross_attention_states` must hold a multiple of {num_latents} keys of width {width} per block, "
+                f"got shape {tuple(cross_attention_states.shape)}."
+            )
+        if cross_attention_states.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"Got `cross_attention_states` for {cross_attention_states.shape[0]} samples but `input_ids` has "
+                f"{input_ids.shape[0]} rows."
+            )
+        return cross_attention_states
+
+    def _token_image_index(
         self,
         input_ids: torch.LongTensor,
         num_images: int,
-        continuing_from_cache: bool,
-        last_image_index: torch.LongTensor | None,
-        has_images: bool,
+        token_image_index: torch.LongTensor | None,
+        cache: Cache | None,
     ) -> torch.LongTensor:
-        """1-based index of the image each token attends to (0: none), following OpenFlamingo's rules."""
-        batch, seq_len = input_ids.shape
-        if continuing_from_cache:
-            if last_image_index is None:
-                if has_images:
-                    raise ValueError(
-                        "Continuing from `past_key_values` with images requires `last_image_index`: the number of "
-                        "`<image>` tokens in the cached prompt of each sample (a `(batch_size,)` LongTensor). "
-                        "`generate` passes it automatically."
-                    )
-                return torch.zeros_like(input_ids)
-            last_image_index = last_image_index.to(input_ids.device).view(batch, 1)
-            if has_images and int(last_image_index.max()) > num_images:
-                raise ValueError(
-                    f"`last_image_index` goes up to {int(last_image_index.max())} but only {num_images} image(s) per "
-                    "sample were given."
-                )
-            return last_image_index.expand(batch, seq_len)
+        """For every token, the 1-based index of the image it attends to (0: none), checked against `num_images`.
 
-        text_time = (input_ids == self.config.media_token_id).cumsum(dim=-1)
-        if last_image_index is not None:
-            # An `<image>` token generated after the prompt does not start a new image.
-            return torch.minimum(text_time, last_image_index.to(input_ids.device).view(batch, 1))
-        counts = text_time[:, -1]
-        if has_images:
+        Without `token_image_index`, a token attends to the image of the most recent `<image>` token up to it
+        (OpenFlamingo's rule), which only holds for tokens that start a sequence.
+        """
+        if token_image_index is not None:
+            if token_image_index.shape != input_ids.shape:
+                raise ValueError(
+                    f"`token_image_index` must have the shape of `input_ids`, {tuple(input_ids.shape)}; got "
+                    f"{tuple(token_image_index.shape)}."
+                )
+            if not torch.compiler.is_compiling() and token_image_index.numel():
+                low, high = int(token_image_index.min()), int(token_image_index.max())
+                if low < 0 or high > num_images:
+                    raise ValueError(
+                        f"`token_image_index` holds values from {low} to {high}, but must lie between 0 and the "
+                        f"number of images given per sample, {num_images}."
+                    )
+            return token_image_index
+
+        if num_images and cache is not None and int(cache.get_seq_length()) > 0:
+            raise ValueError(
+                "Continuing from a non-empty cache with images needs `token_image_index`, the image each new token "
+                "attends to (e.g. `last_image_index[:, None].expand_as(input_ids)` after prompts holding "
+                "`last_image_index` images); `generate` passes it."
+            )
+        token_image_index = (input_ids == self.config.media_token_id).cumsum(dim=-1)
+        if torch.compiler.is_compiling():
+            return token_image_index
+        counts = token_image_index[:, -1] if token_image_index.numel() else token_image_index.new_zeros(1)
+        if num_images:
             if int(counts.max()) > num_images:
                 sample = int(counts.argmax())
                 raise ValueError(
@@ -707,13 +731,13 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 f"`input_ids` contains `<image>` tokens (id {self.config.media_token_id}) but no `pixel_values` or "
                 "`image_hidden_states` were given."
             )
-        return text_time
+        return token_image_index
 
     def get_cross_attention_states(self, image_hidden_states: torch.FloatTensor) -> torch.FloatTensor:
         """Projects image latents to every gated block's cross-attention keys and values, once.
 
-        `generate` calls this before expanding the batch for beams, so each block's keys and values are computed once
-        per sample and call instead of at every decoding step.
+        `generate` calls this once per call, before expanding the batch for beams, so each block's keys and values
+        are computed once per sample instead of at every decoding step.
 
         Args:
             image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, vision_hidden_size)`):
@@ -734,57 +758,39 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             states[:, position] = block.key_values(media)
         return states
 
-    def _conditioning(
+    def _cross_attention_conditioning(
         self,
-        image_hidden_states: torch.Tensor | None,
-        text_time: torch.LongTensor,
-        cross_attention_states: torch.Tensor | None,
-        continuing_from_cache: bool,
-        last_image_index: torch.LongTensor | None,
-    ) -> tuple[dict[int, CrossAttentionConditioning], torch.Tensor | None]:
-        """Per-block conditioning for one forward, and the keys/values for tokens continuing from its cache."""
+        token_image_index: torch.LongTensor,
+        image_hidden_states: torch.FloatTensor | None,
+        cross_attention_states: torch.FloatTensor | None,
+    ) -> dict[int, CrossAttentionConditioning]:
+        """What each gated block needs for one forward, keyed by the index of the decoder layer it runs before."""
         blocks = self.gated_cross_attn_layers
-        immediate = self.config.only_attend_immediate_media
+        if image_hidden_states is None and cross_attention_states is None:
+            return {int(index): CrossAttentionConditioning(block) for index, block in blocks.items()}
         num_latents = self.config.perceiver_num_latents
-        next_states = cross_attention_states
-        if cross_attention_states is not None and immediate and cross_attention_states.shape[2] != num_latents:
-            # Later tokens attend only to each sample's last prompt image: keep just its keys and values.
-            continuing_image = text_time[:, -1] if last_image_index is None else last_image_index
-            next_states = _select_image(cross_attention_states, continuing_image, num_latents)
-        if not bool((text_time > 0).any()):
-            return {int(index): CrossAttentionConditioning(block) for index, block in blocks.items()}, next_states
-
-        if cross_attention_states is None:
-            batch, num_images, num_latents, dim = image_hidden_states.shape
-            media = image_hidden_states.reshape(batch, num_images * num_latents, dim)
-            attention_bias, media_rows = build_cross_attention_mask(
-                text_time, num_images, num_latents, immediate, media.dtype
-            )
-            return {
-                int(index): CrossAttentionConditioning(block, media, attention_bias, media_rows)
-                for index, block in blocks.items()
-            }, None
-
-        if cross_attention_states.shape[1] != len(blocks):
-            raise ValueError(
-                f"`cross_attention_states` holds keys/values for {cross_attention_states.shape[1]} blocks, the model "
-                f"has {len(blocks)}."
-            )
-        if continuing_from_cache and immediate:
-            # No mask: every continuing token attends to exactly the selected image (or to nothing, zeroed).
-            states, attention_bias, media_rows = next_states, None, (text_time > 0).unsqueeze(-1)
-            if bool(media_rows.all()):
-                media_rows = None  # nothing to zero
+        media, key_values = None, [None] * len(blocks)
+        if cross_attention_states is not None:
+            key_values = cross_attention_states.unbind(dim=1)
+            num_keys, dtype = cross_attention_states.shape[2], cross_attention_states.dtype
         else:
-            states = cross_attention_states
-            num_images = states.shape[2] // num_latents
-            attention_bias, media_rows = build_cross_attention_mask(
-                text_time, num_images, num_latents, immediate, states.dtype
+            batch, num_images, _, dim = image_hidden_states.shape
+            media = image_hidden_states.reshape(batch, num_images * num_latents, dim)
+            num_keys, dtype = media.shape[1], media.dtype
+        num_images = num_keys // num_latents
+        # With one image, every token that has an image attends to all keys: no mask needed.
+        attention_bias = (
+            build_cross_attention_mask(
+                token_image_index, num_images, num_latents, self.config.only_attend_immediate_media, dtype
             )
+            if num_images > 1
+            else None
+        )
+        media_rows = (token_image_index > 0).unsqueeze(-1)
         return {
-            int(index): CrossAttentionConditioning(block, None, attention_bias, media_rows, states[:, position])
+            int(index): CrossAttentionConditioning(block, media, attention_bias, media_rows, key_values[position])
             for position, (index, block) in enumerate(blocks.items())
-        }, next_states
+        }
 
     # ----------------------------------------------------------------------------------------------------------------
     # Forward and generation
@@ -796,13 +802,14 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         pixel_values: torch.FloatTensor | None = None,
         image_hidden_states: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         position_ids: torch.LongTensor | None = None,
-        last_image_index: torch.LongTensor | None = None,
+        token_image_index: torch.LongTensor | None = None,
         cross_attention_states: torch.FloatTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> FlamingoCausalLMOutputWithPast | tuple:
         r"""
@@ -810,7 +817,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
                 Token ids; `<image>` tokens (`config.media_token_id`) mark where each image appears.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
-                1 for real tokens, 0 for padding (covering the cached tokens too when `past_key_values` is given).
+                1 for real tokens, 0 for padding (covering the cached tokens too when a cache is given).
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_images, channels, height, width)` or `(batch_size, num_images, num_frames, channels, height, width)`, *optional*):
                 The images, in order of their `<image>` tokens; samples with fewer images are zero-padded at the end.
             image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, vision_hidden_size)`, *optional*):
@@ -818,27 +825,33 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 `pixel_values`.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Targets for the language-modelling loss (shifted inside the language model); -100 is ignored.
-            past_key_values (`Cache`, *optional*):
-                The language model's cache. Tokens continuing from a non-empty cache attend to image
-                `last_image_index` (the last image of the cached prompt).
+            cache (`Cache`, *optional*):
+                The language model's key/value cache (`past_key_values` is accepted too: its name before transformers
+                5.24). It is passed to the language model under the name its `forward` takes.
             use_cache (`bool`, *optional*):
                 Whether to return the updated cache.
             position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Positions, passed to the language model (`generate` derives them from a left-padded mask).
-            last_image_index (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-                Number of `<image>` tokens in each sample's prompt. Tokens continuing from a cache attend to that
-                image, and `<image>` tokens after the prompt do not start a new image. `generate` sets it.
-            cross_attention_states (`torch.FloatTensor` of shape `(batch_size, num_blocks, num_keys, 2 * xattn_heads * xattn_dim_head)`, *optional*):
-                Precomputed keys and values of every gated block ([`~FlamingoForConditionalGeneration.get_cross_attention_states`]
-                of `image_hidden_states`, or `outputs.cross_attention_states` of the previous call), so the blocks skip
-                projecting the image latents. Given together with the images; `generate` manages it.
+            token_image_index (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                For every token, the 1-based index of the image it attends to (with
+                `only_attend_immediate_media=False`: of the last of the images it attends to); 0 for none. Defaults
+                to the number of `<image>` tokens up to and including the token (OpenFlamingo's rule), which only
+                holds for tokens that start their sequences: tokens continuing from a non-empty cache need it (e.g.
+                `last_image_index[:, None].expand_as(input_ids)` to continue after prompts holding
+                `last_image_index` images). `generate` passes it.
+            cross_attention_states (`torch.FloatTensor` of shape `(batch_size, num_blocks, num_images * num_latents, 2 * xattn_heads * xattn_dim_head)`, *optional*):
+                Precomputed keys and values of every gated block
+                ([`~FlamingoForConditionalGeneration.get_cross_attention_states`] of `image_hidden_states`), instead
+                of `pixel_values` or `image_hidden_states`: the blocks skip projecting the image latents.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 Compute logits only for the last `logits_to_keep` positions (0: all), as transformers' causal LMs
                 do; `generate` uses it to skip the prompt's logits.
             return_dict (`bool`, *optional*):
                 Return a [`FlamingoCausalLMOutputWithPast`] (default) or a tuple.
+            past_key_values (`Cache`, *optional*):
+                The cache under its name before transformers 5.24; give it under one name only.
             **kwargs:
-                Passed to the language model (e.g. `output_attentions`, `logits_to_keep`, `num_items_in_batch`).
+                Passed to the language model (e.g. `output_attentions`, `num_items_in_batch`).
 
         Returns:
             [`FlamingoCausalLMOutputWithPast`] or `tuple`.
@@ -848,50 +861,41 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 "FlamingoForConditionalGeneration needs `input_ids`: the `<image>` tokens in them decide which image "
                 "each token attends to."
             )
-        if kwargs.get("inputs_embeds") is not None:
+        if kwargs.pop("inputs_embeds", None) is not None:
             raise ValueError("Pass `input_ids` only, not `inputs_embeds`.")
-        kwargs.pop("inputs_embeds", None)
-        image_hidden_states = self._resolve_image_hidden_states(input_ids, pixel_values, image_hidden_states)
-
-        past_length = 0 if past_key_values is None else int(past_key_values.get_seq_length())
-        text_time = self._image_index_per_token(
-            input_ids,
-            num_images=0 if image_hidden_states is None else image_hidden_states.shape[1],
-            continuing_from_cache=past_length > 0,
-            last_image_index=last_image_index,
-            has_images=image_hidden_states is not None,
+        cache = merge_cache_arguments(cache, past_key_values)
+        if cross_attention_states is not None:
+            if pixel_values is not None or image_hidden_states is not None:
+                raise ValueError(
+                    "Pass the images once: `pixel_values`, `image_hidden_states` or `cross_attention_states`."
+                )
+            cross_attention_states = self._resolve_cross_attention_states(input_ids, cross_attention_states)
+            num_images = cross_attention_states.shape[2] // self.config.perceiver_num_latents
+        else:
+            image_hidden_states = self._resolve_image_hidden_states(input_ids, pixel_values, image_hidden_states)
+            num_images = 0 if image_hidden_states is None else image_hidden_states.shape[1]
+        token_image_index = self._token_image_index(input_ids, num_images, token_image_index, cache)
+        conditioning = self._cross_attention_conditioning(
+            token_image_index, image_hidden_states, cross_attention_states
         )
-
+        if self.training and torch.is_grad_enabled():
+            self._lm_hooks.check_gradient_checkpointing(self.language_model)
         if self._language_model_takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
-        conditioning, next_cross_attention_states = self._conditioning(
-            image_hidden_states,
-            text_time,
-            cross_attention_states,
-            continuing_from_cache=past_length > 0,
-            last_image_index=last_image_index,
-        )
-        self._lm_hooks.set_conditioning(conditioning)
-        try:
-            # The language model is not modified: on CPU, its float32 products that autograd does not record run
-            # through oneDNN for the duration of this call (see `cpu_kernels`); recorded ones (training) keep its
-            # kernels.
-            with onednn_linears_on(input_ids.device):
-                lm_outputs = self.language_model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    past_key_values=past_key_values,
-                    use_cache=use_cache,
-                    labels=labels,
-                    return_dict=True,
-                    **kwargs,
-                )
-        finally:
-            # If checkpointed layers re-run their pre-hooks during backward, the conditioning must outlive this call
-            # (it is overwritten by the next forward); otherwise forget it so the bare LM stays bare.
-            if not (self.training and torch.is_grad_enabled() and self._lm_hooks.layers_rerun_pre_hooks_in_backward()):
-                self._lm_hooks.clear_conditioning()
+        kwargs[self._lm_cache_argument] = cache
+        # The language model is not modified: the hooks apply `conditioning` to the calls this thread makes inside
+        # the block. On CPU, its float32 products that autograd does not record run through oneDNN for the duration
+        # of the call (see `cpu_kernels`); recorded ones (training) keep its kernels.
+        with self._lm_hooks.conditioning(conditioning), onednn_linears_on(input_ids.device):
+            lm_outputs = self.language_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                labels=labels,
+                return_dict=True,
+                **kwargs,
+            )
 
         logits = lm_outputs.logits
         if not self._language_model_takes_logits_to_keep and isinstance(logits_to_keep, int) and logits_to_keep:
@@ -899,11 +903,10 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         output = FlamingoCausalLMOutputWithPast(
             loss=lm_outputs.get("loss"),
             logits=logits,
-            past_key_values=lm_outputs.get("past_key_values"),
             hidden_states=lm_outputs.get("hidden_states"),
             attentions=lm_outputs.get("attentions"),
             image_hidden_states=image_hidden_states,
-            cross_attention_states=next_cross_attention_states,
+            **{CACHE_NAME: cache_from_output(lm_outputs)},
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
@@ -919,9 +922,11 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
     ):
         """Generates text conditioned on images, through the standard [`~GenerationMixin.generate`].
 
-        The images are encoded once per call (before the batch is expanded for beams or `num_return_sequences`), and
-        every generated token attends to the last image of its prompt; an `<image>` token produced by generation
-        does not start a new image.
+        The images are encoded, and every gated block's keys/values projected, once per call, before the batch is
+        expanded for beams or `num_return_sequences` ([`~hf_flamingo.generation_flamingo.FlamingoGenerationImages`]).
+        Every generated token attends to the last image of its prompt; an `<image>` token produced by generation
+        does not start a new image. Everything else is transformers' `generate`: every decoding strategy, cache
+        implementation and `torch.compile`.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): The prompts (left-padded).
@@ -933,106 +938,48 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         Returns:
             `torch.LongTensor` or a [`~utils.ModelOutput`], as [`~GenerationMixin.generate`].
         """
-        if input_ids is None:
-            raise ValueError("`generate` needs `input_ids` (the prompt, with its `<image>` tokens).")
-        image_hidden_states = self._resolve_image_hidden_states(input_ids, pixel_values, image_hidden_states)
-        if kwargs.get("last_image_index") is None:
-            prompt_image_index = self._image_index_per_token(
-                input_ids,
-                num_images=0 if image_hidden_states is None else image_hidden_states.shape[1],
-                continuing_from_cache=False,
-                last_image_index=None,
-                has_images=image_hidden_states is not None,
-            )
-            kwargs["last_image_index"] = prompt_image_index[:, -1]
-        if image_hidden_states is not None and kwargs.get("cross_attention_states") is None:
-            # Once per sample, before the batch is expanded for beams / `num_return_sequences`.
-            kwargs["cross_attention_states"] = self.get_cross_attention_states(image_hidden_states)
-        prompt_copies = self._shareable_prompt_copies(input_ids, kwargs)
-        if prompt_copies > 1:
-            self._prefill_before_expansion(input_ids, attention_mask, image_hidden_states, prompt_copies, kwargs)
-        return super().generate(
-            input_ids, attention_mask=attention_mask, image_hidden_states=image_hidden_states, **kwargs
-        )
+        for name in ("cross_attention_states", "token_image_index"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"`generate` computes `{name}` itself: pass `pixel_values` or `image_hidden_states`.")
+        images = kwargs.pop("flamingo_images", None)
+        if images is None:
+            if input_ids is None:
+                raise ValueError("`generate` needs `input_ids` (the prompt, with its `<image>` tokens).")
+            images = FlamingoGenerationImages(self, input_ids, pixel_values, image_hidden_states)
+        elif pixel_values is not None or image_hidden_states is not None:
+            raise ValueError("Pass the images as `pixel_values` or `image_hidden_states`, not with `flamingo_images`.")
+        else:
+            images.bind(self)  # an assistant model in assisted decoding gets the main model's arguments
+        return super().generate(input_ids, attention_mask=attention_mask, flamingo_images=images, **kwargs)
 
-    def _shareable_prompt_copies(self, input_ids: torch.LongTensor, kwargs: dict[str, Any]) -> int:
-        """How many copies of each prompt `generate` will make (beams, `num_return_sequences`), when they could share
-        one prompt pass through a plain cache; 1 otherwise."""
-        config = kwargs.get("generation_config") or self.generation_config
-        expand_size = max(
-            kwargs.get("num_beams", config.num_beams) or 1,
-            kwargs.get("num_return_sequences", config.num_return_sequences) or 1,
-        )
-        unsupported = (
-            "past_key_values",
-            "inputs_embeds",
-            "assistant_model",
-            "prompt_lookup_num_tokens",
-            "cache_implementation",
-            "output_attentions",
-            "output_hidden_states",
-        )
-        shareable = (
-            input_ids.shape[1] > 1
-            and kwargs.get("use_cache", config.use_cache) is not False
-            and config.cache_implementation is None
-            and not getattr(config, "output_attentions", False)
-            and not getattr(config, "output_hidden_states", False)
-            and not any(kwargs.get(name) for name in unsupported)
-        )
-        return expand_size if shareable else 1
-
-    def _prefill_before_expansion(
+    def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None,
-        image_hidden_states: torch.FloatTensor | None,
-        prompt_copies: int,
-        kwargs: dict[str, Any],
-    ) -> None:
-        """Runs all but the last prompt token once per sample and hands `generate` a cache copied `prompt_copies`
-        times, instead of letting it run every copy of the prompt: the copies are identical, only the work repeats."""
-        prefix_mask = None if attention_mask is None else attention_mask[:, :-1]
-        position_ids = None
-        if prefix_mask is not None and _accepts_argument(self.language_model, "position_ids"):
-            # The positions `generate` would give a left-padded prompt.
-            position_ids = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 1)
-        outputs = self(
-            input_ids=input_ids[:, :-1],
-            attention_mask=prefix_mask,
-            position_ids=position_ids,
-            image_hidden_states=image_hidden_states,
-            cross_attention_states=kwargs.get("cross_attention_states"),
-            last_image_index=kwargs["last_image_index"],
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = outputs.past_key_values
-        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-            return  # the language model has no shareable cache: let `generate` run the prompt itself
-        cache.batch_repeat_interleave(prompt_copies)
-        kwargs["past_key_values"] = cache
-        if outputs.cross_attention_states is not None:
-            kwargs["cross_attention_states"] = outputs.cross_attention_states
-
-    def _update_model_kwargs_for_generation(
-        self, outputs: ModelOutput, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
+        *args: Any,
+        flamingo_images: FlamingoGenerationImages | None = None,
+        **kwargs: Any,
     ) -> dict[str, Any]:
-        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        if getattr(outputs, "cross_attention_states", None) is not None and outputs.past_key_values is not None:
-            # With a cache, only the keys/values the continuing tokens attend to are carried along (without one,
-            # every step re-reads the whole prompt and keeps needing all images).
-            model_kwargs["cross_attention_states"] = outputs.cross_attention_states
-        return model_kwargs
+        """The inputs of one decoding step: the language model's own (its `prepare_inputs_for_generation`, so that
+        its mask and position conventions apply, e.g. BLOOM's 2-D mask under a static cache) plus the image inputs
+        of the tokens the step feeds.
 
-
-def _select_image(states: torch.Tensor, image_index: torch.LongTensor, num_latents: int) -> torch.Tensor:
-    """`(batch, blocks, images * latents, width)` -> the keys/values of image `image_index` (1-based; 0: any, they
-    are unused) of each sample, `(batch, blocks, latents, width)`."""
-    batch, num_blocks, num_keys, width = states.shape
-    per_image = states.view(batch, num_blocks, num_keys // num_latents, num_latents, width)
-    index = (image_index.to(states.device) - 1).clamp(min=0)
-    return per_image[torch.arange(batch, device=states.device), :, index]
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): Every token so far.
+            flamingo_images ([`~hf_flamingo.generation_flamingo.FlamingoGenerationImages`], *optional*):
+                The call's images, which [`~FlamingoForConditionalGeneration.generate`] prepares.
+            *args, **kwargs: As [`~GenerationMixin.prepare_inputs_for_generation`] of the installed transformers.
+        """
+        if flamingo_images is None and any(
+            kwargs.get(name) is not None for name in ("pixel_values", "image_hidden_states")
+        ):
+            raise ValueError(
+                "Generating with images goes through `FlamingoForConditionalGeneration.generate`, which prepares them "
+                "once per call; `GenerationMixin.generate` alone would drop them after the prompt."
+            )
+        model_inputs = self.language_model.prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if flamingo_images is not None:
+            model_inputs.update(flamingo_images.step_inputs(self, input_ids, model_inputs["input_ids"].shape[1]))
+        return model_inputs
 
 
 def _causal_lm_from_config(text_config: PretrainedConfig) -> PreTrainedModel:

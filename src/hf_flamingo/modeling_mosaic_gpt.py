@@ -24,6 +24,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .cache_compat import CACHE_NAME, LEGACY_CACHE_NAME, cache_from_output, merge_cache_arguments
 from .configuration_mosaic_gpt import MosaicGPTConfig
 
 
@@ -145,7 +146,7 @@ class MosaicGPTAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
@@ -153,7 +154,7 @@ class MosaicGPTAttention(nn.Module):
             hidden_states (`torch.Tensor` of shape `(batch_size, query_length, d_model)`): Normalised inputs.
             attention_mask (`torch.Tensor` of shape `(batch_size, num_heads or 1, query_length, kv_length)`):
                 Additive attention bias built by [`MosaicGPTModel`].
-            past_key_values (`Cache`, *optional*): Key/value cache, updated in place.
+            cache (`Cache`, *optional*): Key/value cache, updated in place.
 
         Returns:
             `tuple[torch.Tensor, torch.Tensor | None]`: The output, of shape `(batch_size, query_length, d_model)`,
@@ -173,8 +174,8 @@ class MosaicGPTAttention(nn.Module):
         query = query.view(hidden_shape).transpose(1, 2)
         key = key.view(hidden_shape).transpose(1, 2)
         value = value.view(hidden_shape).transpose(1, 2)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -224,8 +225,9 @@ class MosaicGPTBlock(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """
@@ -233,15 +235,17 @@ class MosaicGPTBlock(GradientCheckpointingLayer):
             hidden_states (`torch.Tensor` of shape `(batch_size, query_length, d_model)`): The residual stream.
             attention_mask (`torch.Tensor` of shape `(batch_size, num_heads or 1, query_length, kv_length)`):
                 Additive attention bias built by [`MosaicGPTModel`].
-            past_key_values (`Cache`, *optional*): Key/value cache, updated in place.
+            cache (`Cache`, *optional*): Key/value cache, updated in place. [`MosaicGPTModel`] passes it under the
+                installed transformers' name (`cache`, or `past_key_values` before 5.24), the one transformers'
+                gradient checkpointing drops.
             use_cache (`bool`, *optional*): Unused; the cache is updated whenever it is given.
+            past_key_values (`Cache`, *optional*): The cache under its name before transformers 5.24.
 
         Returns:
             `torch.Tensor` of shape `(batch_size, query_length, d_model)`: The updated residual stream.
         """
-        attn_output, _ = self.attn(
-            self.ln_1(hidden_states), attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
-        )
+        cache = merge_cache_arguments(cache, past_key_values)
+        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask=attention_mask, cache=cache, **kwargs)
         hidden_states = hidden_states + self.resid_attn_dropout(attn_output)
         return hidden_states + self.resid_mlp_dropout(self.mlp(self.ln_2(hidden_states)))
 
@@ -252,7 +256,7 @@ class MosaicGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MosaicGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME, LEGACY_CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -306,7 +310,7 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
         return positions[:, -query_length:].clamp(min=0)
 
     def _attention_bias(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values: Cache | None
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None
     ) -> torch.Tensor:
         """Additive attention bias: ALiBi where attention is allowed (causal and not padding), the dtype's minimum
         elsewhere.
@@ -318,8 +322,8 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             allow_is_causal_skip=False,
+            **{CACHE_NAME: cache},
         )
         if allowed.dtype != torch.bool:
             allowed = allowed == 0
@@ -337,9 +341,10 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -350,25 +355,27 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
             position_ids (`torch.LongTensor` of shape `(batch_size, query_length)`, *optional*):
                 Only used by the learned position embedding (`alibi=False`); defaults to positions counted over the
                 non-padding tokens. ALiBi needs no positions.
-            past_key_values (`Cache`, *optional*): Key/value cache of the previous tokens.
+            cache (`Cache`, *optional*): Key/value cache of the previous tokens.
             inputs_embeds (`torch.Tensor` of shape `(batch_size, query_length, d_model)`, *optional*):
                 Token embeddings, instead of `input_ids`.
             use_cache (`bool`, *optional*): Whether to create and return a `DynamicCache` if none is given.
+            past_key_values (`Cache`, *optional*): The cache under its name before transformers 5.24.
 
         Returns:
             [`BaseModelOutputWithPast`]: `last_hidden_state` of shape `(batch_size, query_length, d_model)` (after
-            `ln_f`) and `past_key_values`.
+            `ln_f`) and the cache (under the installed transformers' name for it).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        cache = merge_cache_arguments(cache, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
         hidden_states = inputs_embeds
         if not self.config.alibi:
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_length = cache.get_seq_length() if cache is not None else 0
             query_length = inputs_embeds.shape[1]
             if past_length + query_length > self.config.max_seq_len:
                 raise ValueError(
@@ -383,17 +390,13 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
             hidden_states = hidden_states * fraction + hidden_states.detach() * (1 - fraction)
         hidden_states = self.emb_drop(hidden_states)
 
-        attention_bias = self._attention_bias(inputs_embeds, attention_mask, past_key_values)
+        attention_bias = self._attention_bias(inputs_embeds, attention_mask, cache)
         for block in self.blocks:
             hidden_states = block(
-                hidden_states,
-                attention_mask=attention_bias,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                **kwargs,
+                hidden_states, attention_mask=attention_bias, use_cache=use_cache, **{CACHE_NAME: cache}, **kwargs
             )
         hidden_states = self.ln_f(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
 
 class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
@@ -436,11 +439,12 @@ class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """
@@ -450,7 +454,7 @@ class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
                 1 for tokens to attend to, 0 for padding, over the cached and the new tokens.
             position_ids (`torch.LongTensor` of shape `(batch_size, query_length)`, *optional*):
                 Only used by the learned position embedding (`alibi=False`).
-            past_key_values (`Cache`, *optional*): Key/value cache of the previous tokens.
+            cache (`Cache`, *optional*): Key/value cache of the previous tokens.
             inputs_embeds (`torch.Tensor` of shape `(batch_size, query_length, d_model)`, *optional*):
                 Token embeddings, instead of `input_ids`.
             labels (`torch.LongTensor` of shape `(batch_size, query_length)`, *optional*):
@@ -459,17 +463,18 @@ class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 If an `int`, compute logits for the last `logits_to_keep` positions only (0 keeps all); if a 1D
                 tensor, the sequence positions to keep.
+            past_key_values (`Cache`, *optional*): The cache under its name before transformers 5.24.
             kwargs: Passed to the loss (e.g. `num_items_in_batch`) and the attention implementation.
 
         Returns:
-            [`CausalLMOutputWithPast`]: `logits` of shape `(batch_size, kept_length, vocab_size)`, and `loss` when
-            `labels` are given.
+            [`CausalLMOutputWithPast`]: `logits` of shape `(batch_size, kept_length, vocab_size)`, `loss` when
+            `labels` are given, and the cache (under the installed transformers' name for it).
         """
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=merge_cache_arguments(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -484,9 +489,9 @@ class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         return CausalLMOutputWithPast(
+            **{CACHE_NAME: cache_from_output(outputs)},
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..cache_compat import cache_from_output
 from . import prompts
 from .datasets import (
     HATEFUL_MEMES_CLASS_NAMES,
@@ -398,7 +399,7 @@ def class_log_likelihoods(
                 image_hidden_states=image_hidden_states,
                 use_cache=True,
             )
-            cache = prefix.past_key_values
+            cache = cache_from_output(prefix)
             cache_can_crop = _is_full_dynamic_cache(cache)
             last_image_index = (input_ids == model.config.media_token_id).sum(-1)
         for index, name in enumerate(class_names):
@@ -410,13 +411,14 @@ def class_log_likelihoods(
             full_mask = torch.cat([attention_mask, torch.ones_like(name_ids)], dim=1)
             positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
             if use_cache:
+                continuing_ids = torch.cat([input_ids[:, -1:], name_ids], dim=1)
                 outputs = model(
-                    input_ids=torch.cat([input_ids[:, -1:], name_ids], dim=1),
+                    input_ids=continuing_ids,
                     attention_mask=full_mask,
                     position_ids=positions[:, prompt_length - 1 :],
                     image_hidden_states=image_hidden_states,
-                    past_key_values=cache if cache_can_crop else copy.deepcopy(cache),
-                    last_image_index=last_image_index,
+                    cache=cache if cache_can_crop else copy.deepcopy(cache),
+                    token_image_index=last_image_index[:, None].expand_as(continuing_ids),
                     use_cache=True,
                 )
                 if cache_can_crop:

@@ -1,0 +1,146 @@
+"""The images of one `generate` call, prepared once and handed to every decoding step.
+
+`FlamingoForConditionalGeneration.generate` builds a `FlamingoGenerationImages` before transformers' `generate`
+expands the batch for beams and `num_return_sequences`, so the images are encoded, and every gated block's image
+keys/values projected, once per sample and call. It travels through `generate` as one non-tensor keyword argument,
+`flamingo_images`:
+transformers expands and forwards tensors, and hands other arguments unchanged to `prepare_inputs_for_generation` at
+every step, where `FlamingoGenerationImages.step_inputs` turns it into the plain tensors `forward` takes
+(`cross_attention_states`, `token_image_index`). Nothing here depends on how transformers stores or names its cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .modeling_flamingo import FlamingoForConditionalGeneration
+
+
+class FlamingoGenerationImages:
+    """One `generate` call's images, encoded and projected once per sample, and the prompt facts every step needs.
+
+    Rules (OpenFlamingo's): prompt tokens attend to the image of their most recent `<image>` token (or, with
+    `only_attend_immediate_media=False`, to every image up to it); tokens after the prompt attend to the prompt's last
+    image; an `<image>` token produced by generation does not start a new image.
+
+    A copy (transformers copies the arguments of the main model for an assistant model in assisted decoding) keeps
+    the images but not the latents and keys/values, which belong to the model that computed them: the assistant
+    encodes the images with its own vision tower, once.
+
+    Args:
+        model ([`FlamingoForConditionalGeneration`]): The model the keys/values are projected for.
+        input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`): The prompts.
+        pixel_values (`torch.FloatTensor`, *optional*): The images, as `forward` takes them.
+        image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, vision_hidden_size)`, *optional*):
+            The model's own Perceiver Resampler outputs, instead of `pixel_values`.
+    """
+
+    def __init__(
+        self,
+        model: FlamingoForConditionalGeneration,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None = None,
+        image_hidden_states: torch.FloatTensor | None = None,
+    ):
+        image_hidden_states = model._resolve_image_hidden_states(input_ids, pixel_values, image_hidden_states)
+        num_images = 0 if image_hidden_states is None else image_hidden_states.shape[1]
+        self.prompt_length = input_ids.shape[1]
+        self.last_image_index = model._token_image_index(input_ids, num_images, None, None)[:, -1]
+        self.pixel_values = pixel_values
+        self._image_hidden_states = image_hidden_states
+        self._latents_model = weakref.ref(model)  # whose Perceiver Resampler `_image_hidden_states` come from
+        self._states_model: weakref.ReferenceType | None = None  # whose blocks projected the keys/values
+        self._prompt_states: torch.Tensor | None = None
+        self._continuing_states: torch.Tensor | None = None
+        self._expanded: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self.bind(model)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FlamingoGenerationImages:
+        copied = copy.copy(self)
+        copied._states_model = None
+        copied._prompt_states = copied._continuing_states = None
+        copied._expanded = {}
+        return copied
+
+    def bind(self, model: FlamingoForConditionalGeneration) -> None:
+        """Makes the keys/values those of `model` (a no-op when they already are)."""
+        if self._states_model is not None and self._states_model() is model:
+            return
+        if self._image_hidden_states is not None and self._latents_model() is not model:
+            if self.pixel_values is None:
+                raise ValueError(
+                    "This generation's images were given as `image_hidden_states` of another model; a different "
+                    "Flamingo (e.g. an assistant model in assisted decoding) needs the `pixel_values` to encode them."
+                )
+            self._image_hidden_states = model.get_image_features(self.pixel_values)
+            self._latents_model = weakref.ref(model)
+        self._states_model = weakref.ref(model)
+        self._expanded = {}
+        self._project(model)
+
+    def _project(self, model: FlamingoForConditionalGeneration) -> None:
+        if self._image_hidden_states is None:
+            self._prompt_states = self._continuing_states = None
+            return
+        self._prompt_states = model.get_cross_attention_states(self._image_hidden_states)
+        self._continuing_states = (
+            _select_image(self._prompt_states, self.last_image_index, model.config.perceiver_num_latents)
+            if model.config.only_attend_immediate_media
+            else None
+        )
+
+    def step_inputs(
+        self, model: FlamingoForConditionalGeneration, input_ids: torch.LongTensor, num_new_tokens: int
+    ) -> dict[str, torch.Tensor | None]:
+        """The image inputs of the forward that feeds the last `num_new_tokens` tokens of `input_ids`.
+
+        Args:
+            model ([`FlamingoForConditionalGeneration`]): The model that runs the forward (bound before).
+            input_ids (`torch.LongTensor` of shape `(batch_size * copies, sequence_length)`): Every token so far,
+                with each prompt repeated `copies` times in a row (beams, `num_return_sequences`).
+            num_new_tokens (`int`): How many of the last tokens this forward feeds (the rest are in the cache).
+
+        Returns:
+            `dict` with `cross_attention_states` and `token_image_index`, as
+            [`~FlamingoForConditionalGeneration.forward`] takes them.
+        """
+        self.bind(model)
+        rows, length = input_ids.shape
+        samples = self.last_image_index.shape[0]
+        if rows % samples:
+            raise ValueError(f"Generation has {rows} rows, which is not a multiple of its {samples} prompts.")
+        copies = rows // samples
+        prompt_states, continuing_states = self._expanded_states(copies)
+        last_image_index = self.last_image_index.to(input_ids.device).repeat_interleave(copies)
+        first_new = length - num_new_tokens
+        if continuing_states is not None and first_new >= self.prompt_length:
+            # Every new token comes after its prompt: it attends to the prompt's last image, which is the only image
+            # in `continuing_states` (index 1), or to none for prompts without images.
+            token_image_index = (last_image_index > 0).long().unsqueeze(1).expand(rows, num_new_tokens)
+            return {"cross_attention_states": continuing_states, "token_image_index": token_image_index.contiguous()}
+        images_so_far = (input_ids == model.config.media_token_id).cumsum(dim=-1)
+        token_image_index = torch.minimum(images_so_far, last_image_index.unsqueeze(1))[:, first_new:]
+        return {"cross_attention_states": prompt_states, "token_image_index": token_image_index.contiguous()}
+
+    def _expanded_states(self, copies: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The keys/values with each sample repeated `copies` times in a row, made once per call."""
+        if copies not in self._expanded:
+            self._expanded[copies] = tuple(
+                None if states is None else states.repeat_interleave(copies, dim=0) if copies > 1 else states
+                for states in (self._prompt_states, self._continuing_states)
+            )
+        return self._expanded[copies]
+
+
+def _select_image(states: torch.Tensor, image_index: torch.LongTensor, num_latents: int) -> torch.Tensor:
+    """`(batch, blocks, images * latents, width)` -> the keys/values of image `image_index` (1-based; 0: any, they
+    are unused) of each sample, `(batch, blocks, latents, width)`."""
+    batch, num_blocks, num_keys, width = states.shape
+    per_image = states.view(batch, num_blocks, num_keys // num_latents, num_latents, width)
+    index = (image_index.to(states.device) - 1).clamp(min=0)
+    return per_image[torch.arange(batch, device=states.device), :, index]
