@@ -44,8 +44,15 @@ def register_tiny_open_clip() -> dict[str, Any]:
 def _lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
     # transformers 5 `generate` omits an all-ones attention mask, and builds left-padding-aware position ids only
     # for models whose forward signature names `position_ids`.
-    if position_ids is not None and "position_ids" in _base_forward_parameters(self):
+    parameters = _base_forward_parameters(self)
+    if position_ids is not None and "position_ids" in parameters:
         kwargs["position_ids"] = position_ids
+    # transformers 5.24 renamed the cache argument to `cache`; OpenFlamingo passes it (often as None) under the old
+    # name, which the language model now warns about.
+    if "past_key_values" in kwargs and "past_key_values" not in parameters:
+        legacy_cache = kwargs.pop("past_key_values")
+        if legacy_cache is not None:
+            kwargs["cache"] = legacy_cache
     return _original_lm_forward(self, input_ids, attention_mask, **kwargs)
 
 

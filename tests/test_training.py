@@ -140,6 +140,20 @@ def test_trainer_with_gradient_checkpointing_takes_the_same_steps(tiny_processor
         torch.testing.assert_close(params[True][name], value, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_trainer_predict_returns_logits_without_the_cache(tiny_processor, tmp_path):
+    """`Trainer.predict` leaves the cache out of the predictions (`keys_to_ignore_at_inference`, both names)."""
+    model = _model(tiny_processor)
+    collator = FlamingoDataCollator(tiny_processor)
+    trainer = Trainer(model=model, args=_args(tmp_path, per_device_eval_batch_size=4), data_collator=collator)
+    features = _processed_features(tiny_processor)
+    prediction = trainer.predict(features)
+    batch = collator(features)
+    logits, image_hidden_states = prediction.predictions  # no cache among them
+    torch.testing.assert_close(torch.as_tensor(logits), _logits(model, batch), atol=1e-5, rtol=0)
+    assert image_hidden_states.shape[:2] == (len(features), 1)
+    assert prediction.metrics["test_loss"] > 0
+
+
 def test_flamingo_lora_config(tiny_processor):
     model = _model(tiny_processor)
     config = flamingo_lora_config(model, r=4, train_new_token_embeddings=True)

@@ -115,6 +115,8 @@ class FlamingoConfig(PretrainedConfig):
 
     model_type = "flamingo"
     sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
+    # Output keys `Trainer` leaves out of predictions: the cache, under its name before and after transformers 5.24.
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

@@ -110,7 +110,8 @@ class MosaicGPTConfig(PretrainedConfig):
         "num_hidden_layers": "n_layers",
         "max_position_embeddings": "max_seq_len",
     }
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Output keys `Trainer` leaves out of predictions: the cache, under its name before and after transformers 5.24.
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

@@ -55,16 +55,15 @@ class FlamingoGenerationImages:
         self._image_hidden_states = image_hidden_states
         self._latents_model = weakref.ref(model)  # whose Perceiver Resampler `_image_hidden_states` come from
         self._states_model: weakref.ReferenceType | None = None  # whose blocks projected the keys/values
-        self._prompt_states: torch.Tensor | None = None
-        self._continuing_states: torch.Tensor | None = None
-        self._expanded: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        # `(copies, keys/values)`: each sample's rows repeated `copies` times, as the steps get them.
+        self._prompt_states: tuple[int, torch.Tensor] | None = None  # all images, for tokens of the prompts
+        self._continuing_states: tuple[int, torch.Tensor] | None = None  # each prompt's last image only
         self.bind(model)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FlamingoGenerationImages:
         copied = copy.copy(self)
         copied._states_model = None
         copied._prompt_states = copied._continuing_states = None
-        copied._expanded = {}
         return copied
 
     def bind(self, model: FlamingoForConditionalGeneration) -> None:
@@ -80,19 +79,14 @@ class FlamingoGenerationImages:
             self._image_hidden_states = model.get_image_features(self.pixel_values)
             self._latents_model = weakref.ref(model)
         self._states_model = weakref.ref(model)
-        self._expanded = {}
-        self._project(model)
-
-    def _project(self, model: FlamingoForConditionalGeneration) -> None:
+        self._prompt_states = self._continuing_states = None
         if self._image_hidden_states is None:
-            self._prompt_states = self._continuing_states = None
             return
-        self._prompt_states = model.get_cross_attention_states(self._image_hidden_states)
-        self._continuing_states = (
-            _select_image(self._prompt_states, self.last_image_index, model.config.perceiver_num_latents)
-            if model.config.only_attend_immediate_media
-            else None
-        )
+        prompt_states = model.get_cross_attention_states(self._image_hidden_states)
+        self._prompt_states = (1, prompt_states)
+        if model.config.only_attend_immediate_media:
+            num_latents = model.config.perceiver_num_latents
+            self._continuing_states = (1, _select_image(prompt_states, self.last_image_index, num_latents))
 
     def step_inputs(
         self, model: FlamingoForConditionalGeneration, input_ids: torch.LongTensor, num_new_tokens: int
@@ -100,7 +94,7 @@ class FlamingoGenerationImages:
         """The image inputs of the forward that feeds the last `num_new_tokens` tokens of `input_ids`.
 
         Args:
-            model ([`FlamingoForConditionalGeneration`]): The model that runs the forward (bound before).
+            model ([`FlamingoForConditionalGeneration`]): The model that runs the forward.
             input_ids (`torch.LongTensor` of shape `(batch_size * copies, sequence_length)`): Every token so far,
                 with each prompt repeated `copies` times in a row (beams, `num_return_sequences`).
             num_new_tokens (`int`): How many of the last tokens this forward feeds (the rest are in the cache).
@@ -115,26 +109,37 @@ class FlamingoGenerationImages:
         if rows % samples:
             raise ValueError(f"Generation has {rows} rows, which is not a multiple of its {samples} prompts.")
         copies = rows // samples
-        prompt_states, continuing_states = self._expanded_states(copies)
         last_image_index = self.last_image_index.to(input_ids.device).repeat_interleave(copies)
         first_new = length - num_new_tokens
-        if continuing_states is not None and first_new >= self.prompt_length:
+        if self._continuing_states is not None and first_new >= self.prompt_length:
             # Every new token comes after its prompt: it attends to the prompt's last image, which is the only image
-            # in `continuing_states` (index 1), or to none for prompts without images.
+            # in the continuing keys/values (index 1), or to none for prompts without images. From here on the cache
+            # holds the prompts, so their keys/values are freed.
+            self._prompt_states = None
+            self._continuing_states = _repeated(self._continuing_states, copies)
             token_image_index = (last_image_index > 0).long().unsqueeze(1).expand(rows, num_new_tokens)
-            return {"cross_attention_states": continuing_states, "token_image_index": token_image_index.contiguous()}
+            return {
+                "cross_attention_states": self._continuing_states[1],
+                "token_image_index": token_image_index.contiguous(),  # stable strides for compiled forwards
+            }
+        if self._image_hidden_states is not None and self._prompt_states is None:
+            self._prompt_states = (1, model.get_cross_attention_states(self._image_hidden_states))
+        self._prompt_states = None if self._prompt_states is None else _repeated(self._prompt_states, copies)
         images_so_far = (input_ids == model.config.media_token_id).cumsum(dim=-1)
         token_image_index = torch.minimum(images_so_far, last_image_index.unsqueeze(1))[:, first_new:]
-        return {"cross_attention_states": prompt_states, "token_image_index": token_image_index.contiguous()}
+        return {
+            "cross_attention_states": None if self._prompt_states is None else self._prompt_states[1],
+            "token_image_index": token_image_index.contiguous(),
+        }
 
-    def _expanded_states(self, copies: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The keys/values with each sample repeated `copies` times in a row, made once per call."""
-        if copies not in self._expanded:
-            self._expanded[copies] = tuple(
-                None if states is None else states.repeat_interleave(copies, dim=0) if copies > 1 else states
-                for states in (self._prompt_states, self._continuing_states)
-            )
-        return self._expanded[copies]
+
+def _repeated(states: tuple[int, torch.Tensor], copies: int) -> tuple[int, torch.Tensor]:
+    """`(copies_now, keys/values)` with each sample's rows repeated `copies` times in a row instead."""
+    current, tensor = states
+    if current == copies:
+        return states
+    per_sample = tensor[::current]
+    return copies, per_sample.repeat_interleave(copies, dim=0) if copies > 1 else per_sample
 
 
 def _select_image(states: torch.Tensor, image_index: torch.LongTensor, num_latents: int) -> torch.Tensor:

@@ -42,9 +42,10 @@ class CrossAttentionConditioning:
             construction, e.g. by PEFT's `modules_to_save`, is the one that runs).
         media (`torch.Tensor` of shape `(batch_size, num_images * num_latents, vision_hidden_size)`, *optional*):
             Flattened image latents from the Perceiver Resampler, projected to keys and values by the block; `None`
-            when no token has an image to attend to or when `key_values` are given.
+            when there are no images or when `key_values` are given.
         attention_bias (`torch.Tensor` of shape `(batch_size, 1, seq_len, num_keys)`, *optional*):
-            Additive mask selecting, for every text token, the keys it may attend to; `None` when all are allowed.
+            Additive mask selecting, for every text token, the keys it may attend to; `None` when there is one image
+            (or none).
         media_rows (`torch.Tensor` of shape `(batch_size, seq_len, 1)`, *optional*):
             `True` for tokens that have an image to attend to; the others get exactly zero attention output.
         key_values (`torch.Tensor` of shape `(batch_size, num_keys, 2 * heads * head_dim)`, *optional*):
