@@ -3,10 +3,9 @@
 `FlamingoForConditionalGeneration.generate` builds a `FlamingoGenerationImages` before transformers' `generate`
 expands the batch for beams and `num_return_sequences`, so the images are encoded, and every gated block's image
 keys/values projected, once per sample and call. It travels through `generate` as one non-tensor keyword argument,
-`flamingo_images`:
-transformers expands and forwards tensors, and hands other arguments unchanged to `prepare_inputs_for_generation` at
-every step, where `FlamingoGenerationImages.step_inputs` turns it into the plain tensors `forward` takes
-(`cross_attention_states`, `token_image_index`). Nothing here depends on how transformers stores or names its cache.
+`flamingo_images` (transformers expands tensor arguments for beams, but hands other arguments unchanged to
+`prepare_inputs_for_generation` at every step), where `FlamingoGenerationImages.step_inputs` turns it into the plain
+tensors `forward` takes (`cross_attention_states`, `token_image_index`). Nothing here depends on how transformers stores or names its cache.
 """
 
 from __future__ import annotations
@@ -122,15 +121,15 @@ class FlamingoGenerationImages:
                 "cross_attention_states": self._continuing_states[1],
                 "token_image_index": token_image_index.contiguous(),  # stable strides for compiled forwards
             }
-        if self._image_hidden_states is not None and self._prompt_states is None:
-            self._prompt_states = (1, model.get_cross_attention_states(self._image_hidden_states))
-        self._prompt_states = None if self._prompt_states is None else _repeated(self._prompt_states, copies)
+        prompt_states = None
+        if self._image_hidden_states is not None:
+            if self._prompt_states is None:  # freed when decoding went on from the cache; needed again after all
+                self._prompt_states = (1, model.get_cross_attention_states(self._image_hidden_states))
+            self._prompt_states = _repeated(self._prompt_states, copies)
+            prompt_states = self._prompt_states[1]
         images_so_far = (input_ids == model.config.media_token_id).cumsum(dim=-1)
         token_image_index = torch.minimum(images_so_far, last_image_index.unsqueeze(1))[:, first_new:]
-        return {
-            "cross_attention_states": None if self._prompt_states is None else self._prompt_states[1],
-            "token_image_index": token_image_index.contiguous(),
-        }
+        return {"cross_attention_states": prompt_states, "token_image_index": token_image_index.contiguous()}
 
 
 def _repeated(states: tuple[int, torch.Tensor], copies: int) -> tuple[int, torch.Tensor]:
