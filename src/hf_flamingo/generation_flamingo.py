@@ -5,7 +5,8 @@ expands the batch for beams and `num_return_sequences`, so the images are encode
 keys/values projected, once per sample and call. It travels through `generate` as one non-tensor keyword argument,
 `flamingo_images` (transformers expands tensor arguments for beams, but hands other arguments unchanged to
 `prepare_inputs_for_generation` at every step), where `FlamingoGenerationImages.step_inputs` turns it into the plain
-tensors `forward` takes (`cross_attention_states`, `token_image_index`). Nothing here depends on how transformers stores or names its cache.
+tensors `forward` takes (`cross_attention_states`, `token_image_index`). Nothing here depends on how transformers
+stores or names its cache.
 """
 
 from __future__ import annotations
