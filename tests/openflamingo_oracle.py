@@ -104,13 +104,15 @@ def build_openflamingo(
     seed: int = 0,
     clip_model_name: str = TINY_OPEN_CLIP_NAME,
     train_input_embeddings: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[Flamingo, Any]:
     """Builds a real OpenFlamingo `Flamingo` around `language_model` (modified in place, as OpenFlamingo does).
 
     The open_clip tower (random weights; by default the tiny registered ViT) returns its patch tokens before
     `ln_post` (`final_ln_after_pool=True`), as the released models were trained. Gates are opened to random non-zero
     values and the Flamingo LayerNorms randomised, so every parameter matters. `train_input_embeddings` is the
-    factory's `not freeze_lm_embeddings`.
+    factory's `not freeze_lm_embeddings`. The new modules (tower, perceiver, cross-attention blocks) are created on
+    `device`, where `language_model` must already be.
 
     Returns:
         `(flamingo, clip_model)`; `tokenizer` gains OpenFlamingo's special tokens.
@@ -119,7 +121,8 @@ def build_openflamingo(
     if clip_model_name == TINY_OPEN_CLIP_NAME:
         register_tiny_open_clip()
     torch.manual_seed(seed)
-    clip_model = open_clip.create_model(clip_model_name, pretrained=None)
+    with torch.device(device):
+        clip_model = open_clip.create_model(clip_model_name, pretrained=None, device=device)
     clip_model.visual.output_tokens = True
     clip_model.visual.final_ln_after_pool = True
     _randomize_layer_norms(clip_model.visual, seed + 1)
@@ -128,14 +131,15 @@ def build_openflamingo(
     extend_instance(language_model, FlamingoLMMixin)
     language_model.set_decoder_layers_attr_name(decoder_layers_attr)
     language_model.resize_token_embeddings(len(tokenizer))
-    flamingo = Flamingo(
-        clip_model,
-        language_model,
-        eoc_token_id,
-        media_token_id,
-        vis_dim=clip_model.visual.transformer.width,
-        cross_attn_every_n_layers=cross_attn_every_n_layers,
-    )
+    with torch.device(device):
+        flamingo = Flamingo(
+            clip_model,
+            language_model,
+            eoc_token_id,
+            media_token_id,
+            vis_dim=clip_model.visual.transformer.width,
+            cross_attn_every_n_layers=cross_attn_every_n_layers,
+        )
     # The factory's freezing (freeze_lm_embeddings=False).
     flamingo.requires_grad_(False)
     flamingo.perceiver.requires_grad_(True)

@@ -428,7 +428,10 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 `media_token_id`/`eoc_token_id` are read from its `<image>`/`<|endofchunk|>` tokens and the language
                 model's embeddings are resized to `len(tokenizer)`.
             dtype (`torch.dtype` or `str`, *optional*): Passed to both backbones' `from_pretrained`.
-            device_map (*optional*): Passed to the language model's `from_pretrained`.
+            device_map (*optional*): Passed to the language model's `from_pretrained`. A vision model loaded here
+                (given as a Hub id or directory, without a `device_map` of its own in `vision_model_kwargs`) then
+                goes where the language model's input embeddings are, like the new Perceiver Resampler and
+                cross-attention blocks.
             quantization_config (*optional*): Passed to the language model's `from_pretrained` (e.g.
                 `BitsAndBytesConfig(load_in_4bit=True)`): only the language model is quantized, its `lm_head` excepted.
                 The Flamingo itself is not marked quantized, so `Trainer` trains the bridge without an adapter. Its
@@ -442,6 +445,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         Returns:
             [`FlamingoForConditionalGeneration`]
         """
+        vision_model_loaded_here = isinstance(vision_model, (str, os.PathLike))
         vision_model = _load_vision_model(vision_model, dtype, vision_model_kwargs or {})
         if isinstance(language_model, (str, os.PathLike)):
             lm_kwargs = dict(language_model_kwargs or {})
@@ -471,7 +475,14 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         )
 
         model = cls(config, vision_model=vision_model, language_model=language_model)
-        bridge_device = next(language_model.parameters()).device
+        bridge_device = language_model.get_input_embeddings().weight.device
+        if (
+            device_map is not None
+            and vision_model_loaded_here
+            and "device_map" not in (vision_model_kwargs or {})
+            and bridge_device.type != "meta"
+        ):
+            vision_model.to(bridge_device)
         bridge_dtype = language_model.get_input_embeddings().weight.dtype
         if not bridge_dtype.is_floating_point:
             bridge_dtype = torch.float32
