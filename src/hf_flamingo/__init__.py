@@ -1,12 +1,13 @@
 """hf_flamingo: Flamingo as a Hugging Face transformers-native model.
 
 Importing the package registers the classes with transformers' Auto classes, so that `AutoConfig`,
-`AutoModelForImageTextToText`, `AutoProcessor` (and `AutoModelForCausalLM` for MosaicGPT) load saved directories.
+`AutoModel`, `AutoModelForImageTextToText`, `AutoProcessor` (and `AutoModelForCausalLM` for MosaicGPT) load saved directories.
 """
 
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -19,6 +20,8 @@ from .image_processing_flamingo import FlamingoImageProcessor
 from .modeling_flamingo import (
     FlamingoCausalLMOutputWithPast,
     FlamingoForConditionalGeneration,
+    FlamingoModel,
+    FlamingoModelOutputWithPast,
     FlamingoPreTrainedModel,
 )
 from .modeling_mosaic_gpt import MosaicGPTForCausalLM, MosaicGPTModel
@@ -28,6 +31,7 @@ from .processing_flamingo import FlamingoProcessor
 __version__ = "0.1.0.dev0"
 
 AutoConfig.register(FlamingoConfig.model_type, FlamingoConfig, exist_ok=True)
+AutoModel.register(FlamingoConfig, FlamingoModel, exist_ok=True)
 AutoModelForImageTextToText.register(FlamingoConfig, FlamingoForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(FlamingoConfig, FlamingoProcessor, exist_ok=True)
 # One implementation serves both backend requests: the PIL path is the one that reproduces open_clip exactly.
@@ -42,6 +46,7 @@ AutoModelForCausalLM.register(MosaicGPTConfig, MosaicGPTForCausalLM, exist_ok=Tr
 # `save_pretrained` also writes the defining code and an `auto_map`, so that saved directories load with
 # `trust_remote_code=True` where this package is not installed.
 FlamingoConfig.register_for_auto_class()
+FlamingoModel.register_for_auto_class("AutoModel")
 FlamingoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 FlamingoProcessor.register_for_auto_class("AutoProcessor")
 FlamingoImageProcessor.register_for_auto_class("AutoImageProcessor")
@@ -54,6 +59,8 @@ __all__ = [
     "FlamingoDataCollator",
     "FlamingoForConditionalGeneration",
     "FlamingoImageProcessor",
+    "FlamingoModel",
+    "FlamingoModelOutputWithPast",
     "FlamingoPreTrainedModel",
     "FlamingoProcessor",
     "MosaicGPTConfig",

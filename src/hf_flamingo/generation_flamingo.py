@@ -1,6 +1,8 @@
-"""The images of one `generate` call, prepared once and handed to every decoding step.
+"""Generation: `FlamingoGenerationMixin` (Flamingo's `generate` and `prepare_inputs_for_generation` on top of
+transformers' `GenerationMixin`) and the images of one `generate` call, prepared once and handed to every decoding
+step.
 
-`FlamingoForConditionalGeneration.generate` builds a `FlamingoGenerationImages` before transformers' `generate`
+`FlamingoGenerationMixin.generate` builds a `FlamingoGenerationImages` before transformers' `generate`
 expands the batch for beams and `num_return_sequences`, so the images are encoded, and every gated block's image
 keys/values projected, once per sample and call. It travels through `generate` as one non-tensor keyword argument,
 `flamingo_images` (transformers expands tensor arguments for beams, but hands other arguments unchanged to
@@ -16,6 +18,9 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import GenerationMixin
+
+from .image_conditioning import resolve_token_image_index
 
 if TYPE_CHECKING:
     from .modeling_flamingo import FlamingoForConditionalGeneration
@@ -50,7 +55,8 @@ class FlamingoGenerationImages:
         image_hidden_states = model._resolve_image_hidden_states(input_ids, pixel_values, image_hidden_states)
         num_images = 0 if image_hidden_states is None else image_hidden_states.shape[1]
         self.prompt_length = input_ids.shape[1]
-        self.last_image_index = model._token_image_index(input_ids, num_images, None, None)[:, -1]
+        token_image_index = resolve_token_image_index(input_ids, model.config.media_token_id, num_images)
+        self.last_image_index = token_image_index[:, -1]
         self.pixel_values = pixel_values
         self._image_hidden_states = image_hidden_states
         self._latents_model = weakref.ref(model)  # whose Perceiver Resampler `_image_hidden_states` come from
@@ -149,3 +155,78 @@ def _select_image(states: torch.Tensor, image_index: torch.LongTensor, num_laten
     per_image = states.view(batch, num_blocks, num_keys // num_latents, num_latents, width)
     index = (image_index.to(states.device) - 1).clamp(min=0)
     return per_image[torch.arange(batch, device=states.device), :, index]
+
+
+class FlamingoGenerationMixin(GenerationMixin):
+    """transformers' [`~GenerationMixin`] with the images of a call prepared once (`generate`) and handed to each
+    decoding step (`prepare_inputs_for_generation`); every decoding strategy and cache is transformers' own."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_hidden_states: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """Generates text conditioned on images, through the standard [`~GenerationMixin.generate`].
+
+        The images are encoded, and every gated block's keys/values projected, once per call, before the batch is
+        expanded for beams or `num_return_sequences` ([`~hf_flamingo.generation_flamingo.FlamingoGenerationImages`]).
+        Every generated token attends to the last image of its prompt; an `<image>` token produced by generation
+        does not start a new image. Everything else is transformers' `generate`: every decoding strategy, cache
+        implementation and `torch.compile`.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): The prompts (left-padded).
+            pixel_values (`torch.FloatTensor`, *optional*): The images, as in [`~FlamingoForConditionalGeneration.forward`].
+            image_hidden_states (`torch.FloatTensor`, *optional*): Precomputed image latents instead of `pixel_values`.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): Padding mask.
+            **kwargs: Generation arguments (`max_new_tokens`, `num_beams`, `do_sample`, `generation_config`, ...).
+
+        Returns:
+            `torch.LongTensor` or a [`~utils.ModelOutput`], as [`~GenerationMixin.generate`].
+        """
+        for name in ("cross_attention_states", "token_image_index"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"`generate` computes `{name}` itself: pass `pixel_values` or `image_hidden_states`.")
+        images = kwargs.pop("flamingo_images", None)
+        if images is None:
+            if input_ids is None:
+                raise ValueError("`generate` needs `input_ids` (the prompt, with its `<image>` tokens).")
+            images = FlamingoGenerationImages(self, input_ids, pixel_values, image_hidden_states)
+        elif pixel_values is not None or image_hidden_states is not None:
+            raise ValueError("Pass the images as `pixel_values` or `image_hidden_states`, not with `flamingo_images`.")
+        else:
+            images.bind(self)  # an assistant model in assisted decoding gets the main model's arguments
+        return super().generate(input_ids, attention_mask=attention_mask, flamingo_images=images, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        *args: Any,
+        flamingo_images: FlamingoGenerationImages | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The inputs of one decoding step: the language model's own (its `prepare_inputs_for_generation`, so that
+        its mask and position conventions apply, e.g. BLOOM's 2-D mask under a static cache) plus the image inputs
+        of the tokens the step feeds.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): Every token so far.
+            flamingo_images ([`~hf_flamingo.generation_flamingo.FlamingoGenerationImages`], *optional*):
+                The call's images, which [`~FlamingoForConditionalGeneration.generate`] prepares.
+            *args, **kwargs: As [`~GenerationMixin.prepare_inputs_for_generation`] of the installed transformers.
+        """
+        if flamingo_images is None and any(
+            kwargs.get(name) is not None for name in ("pixel_values", "image_hidden_states")
+        ):
+            raise ValueError(
+                "Generating with images goes through `FlamingoForConditionalGeneration.generate`, which prepares them "
+                "once per call; `GenerationMixin.generate` alone would drop them after the prompt."
+            )
+        model_inputs = self.language_model.prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if flamingo_images is not None:
+            model_inputs.update(flamingo_images.step_inputs(self, input_ids, model_inputs["input_ids"].shape[1]))
+        return model_inputs

@@ -3,38 +3,52 @@ unmodified causal language model through forward pre-hooks (OpenFlamingo v2 sema
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    GenerationMixin,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
 from .cache_compat import CACHE_NAME, LEGACY_CACHE_NAME, cache_argument_name, cache_from_output, merge_cache_arguments
 from .configuration_flamingo import FlamingoConfig
-from .cpu_kernels import module_linear, onednn_linears_on
-from .generation_flamingo import FlamingoGenerationImages
+from .cpu_kernels import onednn_linears_on
+from .gated_cross_attention import FlamingoGatedCrossAttentionBlock
+from .generation_flamingo import FlamingoGenerationMixin
+from .image_conditioning import (
+    block_conditioning,
+    build_cross_attention_mask,
+    check_cross_attention_states,
+    check_image_hidden_states,
+    resolve_token_image_index,
+)
 from .language_model_hooks import CrossAttentionConditioning, LanguageModelHooks
 from .modeling_mosaic_gpt import MosaicGPTForCausalLM
+from .perceiver import FlamingoPerceiverResampler
 from .quantization_utils import keep_4bit_layers_differentiable
 
 logger = logging.get_logger(__name__)
+
+
+@dataclass
+class FlamingoModelOutputWithPast(BaseModelOutputWithPast):
+    """
+    Output of [`FlamingoModel`]: transformers' [`~modeling_outputs.BaseModelOutputWithPast`] (`last_hidden_state`,
+    the cache, `hidden_states`, `attentions`, all from the language model's decoder) and the image latents.
+
+    Args:
+        image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, vision_hidden_size)`, *optional*):
+            The Perceiver Resampler's output for the images of this call.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -55,253 +69,9 @@ class FlamingoCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
 
 
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """`(batch, length, heads * head_dim)` -> `(batch, heads, length, head_dim)`."""
-    batch, length, width = x.shape
-    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """`(batch, heads, length, head_dim)` -> `(batch, length, heads * head_dim)`."""
-    batch, heads, length, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
-
-
 # Images per vision-tower call on CPU outside training. For a ViT-B/16 at 224 px, 8 images keep the tower's returned
 # hidden states at 62 MB instead of 186 MB for 24 images, and were as fast or faster (2-core EPYC).
 _CPU_IMAGES_PER_CHUNK = 8
-
-
-class FlamingoFeedForward(nn.Sequential):
-    """`Linear(GELU(Linear(LayerNorm(x))))`, without biases; state-dict keys `0` (norm), `1` (up) and `3` (down)."""
-
-    def __init__(self, dim: int, mult: int):
-        inner_dim = dim * mult
-        super().__init__(
-            nn.LayerNorm(dim), nn.Linear(dim, inner_dim, bias=False), nn.GELU(), nn.Linear(inner_dim, dim, bias=False)
-        )
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        norm, up, activation, down = self
-        return module_linear(down, activation(module_linear(up, norm(hidden_states))))
-
-
-class FlamingoPerceiverAttention(nn.Module):
-    """Latents attend to the concatenation of the visual features and themselves."""
-
-    def __init__(self, dim: int, dim_head: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        inner_dim = dim_head * heads
-        self.norm_media = nn.LayerNorm(dim)
-        self.norm_latents = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner_dim, bias=False)
-        self.to_kv = nn.Linear(dim, inner_dim * 2, bias=False)
-        self.to_out = nn.Linear(inner_dim, dim, bias=False)
-
-    def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            features (`torch.Tensor` of shape `(batch, num_features, dim)`): Visual features of one image each.
-            latents (`torch.Tensor` of shape `(batch, num_latents, dim)`): Current latents.
-
-        Returns:
-            `torch.Tensor` of shape `(batch, num_latents, dim)`: The attention update (before the residual).
-        """
-        features = self.norm_media(features)
-        latents = self.norm_latents(latents)
-        query = _split_heads(module_linear(self.to_q, latents), self.heads)
-        key, value = module_linear(self.to_kv, torch.cat((features, latents), dim=1)).chunk(2, dim=-1)
-        attended = F.scaled_dot_product_attention(
-            query, _split_heads(key, self.heads), _split_heads(value, self.heads)
-        )
-        return module_linear(self.to_out, _merge_heads(attended))
-
-
-class FlamingoPerceiverLayer(nn.ModuleList):
-    """One Perceiver Resampler layer: `[attention, feed-forward]`, each with a residual connection."""
-
-    def __init__(self, dim: int, dim_head: int, heads: int, ff_mult: int):
-        super().__init__([FlamingoPerceiverAttention(dim, dim_head, heads), FlamingoFeedForward(dim, ff_mult)])
-
-    def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        attention, feed_forward = self[0], self[1]
-        latents = attention(features, latents) + latents
-        return feed_forward(latents) + latents
-
-
-class FlamingoPerceiverResampler(nn.Module):
-    """Resamples each image's visual features to `perceiver_num_latents` latent vectors."""
-
-    def __init__(self, config: FlamingoConfig):
-        super().__init__()
-        dim = config.vision_hidden_size
-        self.latents = nn.Parameter(torch.empty(config.perceiver_num_latents, dim))
-        if config.max_num_frames:
-            self.frame_embs = nn.Parameter(torch.empty(config.max_num_frames, dim))
-        else:
-            self.register_parameter("frame_embs", None)
-        if config.max_num_media:
-            self.media_time_embs = nn.Parameter(torch.empty(config.max_num_media, 1, dim))
-        else:
-            self.register_parameter("media_time_embs", None)
-        self.layers = nn.ModuleList(
-            FlamingoPerceiverLayer(dim, config.perceiver_dim_head, config.perceiver_heads, config.perceiver_ff_mult)
-            for _ in range(config.perceiver_depth)
-        )
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            features (`torch.Tensor` of shape `(batch, num_images, num_frames, num_tokens, dim)`): Visual features.
-
-        Returns:
-            `torch.Tensor` of shape `(batch, num_images, num_latents, dim)`.
-        """
-        batch, num_images, num_frames, num_tokens, dim = features.shape
-        if self.frame_embs is not None:
-            if num_frames > self.frame_embs.shape[0]:
-                raise ValueError(
-                    f"Got {num_frames} frames per image but `max_num_frames` is {self.frame_embs.shape[0]}."
-                )
-            features = features + self.frame_embs[:num_frames].view(1, 1, num_frames, 1, dim)
-        features = features.reshape(batch, num_images, num_frames * num_tokens, dim)
-        if self.media_time_embs is not None:
-            if num_images > self.media_time_embs.shape[0]:
-                raise ValueError(
-                    f"Got {num_images} images per sample but `max_num_media` is {self.media_time_embs.shape[0]}."
-                )
-            features = features + self.media_time_embs[:num_images]
-        # Images are resampled independently: fold them into the batch axis.
-        features = features.reshape(batch * num_images, num_frames * num_tokens, dim)
-        latents = self.latents.unsqueeze(0).expand(batch * num_images, -1, -1)
-        for layer in self.layers:
-            latents = layer(features, latents)
-        return self.norm(latents).view(batch, num_images, -1, dim)
-
-
-class FlamingoMaskedCrossAttention(nn.Module):
-    """Text tokens (queries) attend to image latents (keys/values) under a per-token image mask."""
-
-    def __init__(self, dim: int, dim_visual: int, dim_head: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        inner_dim = dim_head * heads
-        self.norm = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner_dim, bias=False)
-        self.to_kv = nn.Linear(dim_visual, inner_dim * 2, bias=False)
-        self.to_out = nn.Linear(inner_dim, dim, bias=False)
-
-    def forward(
-        self, hidden_states: torch.Tensor, key_values: torch.Tensor, attention_bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """
-        Args:
-            hidden_states (`torch.Tensor` of shape `(batch, seq_len, dim)`): Text hidden states.
-            key_values (`torch.Tensor` of shape `(batch, num_keys, 2 * heads * dim_head)`): `to_kv` of the image
-                latents the tokens may attend to (keys, then values).
-            attention_bias (`torch.Tensor` of shape `(batch, 1, seq_len, num_keys)`, *optional*):
-                Additive mask (0 where allowed, the dtype's minimum elsewhere); `None` when every key is allowed.
-
-        Returns:
-            `torch.Tensor` of shape `(batch, seq_len, dim)`.
-        """
-        query = _split_heads(module_linear(self.to_q, self.norm(hidden_states)), self.heads)
-        key, value = key_values.chunk(2, dim=-1)
-        attended = F.scaled_dot_product_attention(
-            query,
-            _split_heads(key, self.heads),
-            _split_heads(value, self.heads),
-            attn_mask=None if attention_bias is None else attention_bias.to(query.dtype),
-        )
-        return module_linear(self.to_out, _merge_heads(attended))
-
-
-class FlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
-    """`x + tanh(attn_gate) * cross_attention(x)`, then `x + tanh(ff_gate) * feed_forward(x)`.
-
-    Both gates start at 0, so a fresh block is the identity. The feed-forward branch runs on every token, including
-    tokens without an image (as in OpenFlamingo).
-    """
-
-    def __init__(self, config: FlamingoConfig):
-        super().__init__()
-        dim = config.text_hidden_size
-        self.attn = FlamingoMaskedCrossAttention(
-            dim, config.vision_hidden_size, config.xattn_dim_head, config.xattn_heads
-        )
-        self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff = FlamingoFeedForward(dim, config.xattn_ff_mult)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
-
-    def key_values(self, media: torch.Tensor) -> torch.Tensor:
-        """Projects image latents to this block's cross-attention keys and values.
-
-        Args:
-            media (`torch.Tensor` of shape `(batch, num_keys, vision_hidden_size)`): Image latents.
-
-        Returns:
-            `torch.Tensor` of shape `(batch, num_keys, 2 * xattn_heads * xattn_dim_head)`: keys, then values.
-        """
-        return module_linear(self.attn.to_kv, media.to(self.attn.to_kv.weight.dtype))
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        media: torch.Tensor | None = None,
-        attention_bias: torch.Tensor | None = None,
-        media_rows: torch.Tensor | None = None,
-        key_values: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """
-        Args:
-            hidden_states (`torch.Tensor` of shape `(batch, seq_len, dim)`): Input of the decoder layer.
-            media (`torch.Tensor` of shape `(batch, num_images * num_latents, vision_hidden_size)`, *optional*):
-                Image latents; `None` (with `key_values` `None`) when no token attends to an image: then only the
-                feed-forward branch runs.
-            attention_bias (`torch.Tensor` of shape `(batch, 1, seq_len, num_keys)`, *optional*):
-                Additive cross-attention mask; `None` when every key is allowed.
-            media_rows (`torch.Tensor` of shape `(batch, seq_len, 1)`, *optional*):
-                `False` for tokens with no preceding image, whose attention output is set to exactly 0.
-            key_values (`torch.Tensor` of shape `(batch, num_keys, 2 * xattn_heads * xattn_dim_head)`, *optional*):
-                Precomputed [`~FlamingoGatedCrossAttentionBlock.key_values`], used instead of projecting `media`.
-        """
-        hidden_states = hidden_states.to(self.attn_gate.dtype)
-        if key_values is None and media is not None:
-            key_values = self.key_values(media)
-        if key_values is not None:
-            attended = self.attn(hidden_states, key_values.to(hidden_states.dtype), attention_bias)
-            if media_rows is not None:
-                attended = torch.where(media_rows, attended, torch.zeros_like(attended))
-            hidden_states = hidden_states + self.attn_gate.tanh() * attended
-        return hidden_states + self.ff_gate.tanh() * self.ff(hidden_states)
-
-
-def build_cross_attention_mask(
-    token_image_index: torch.LongTensor, num_images: int, num_latents: int, only_immediate: bool, dtype: torch.dtype
-) -> torch.Tensor:
-    """Builds the additive cross-attention mask from each token's image index.
-
-    Args:
-        token_image_index (`torch.LongTensor` of shape `(batch, seq_len)`):
-            1-based index of the image every token attends to (0: none).
-        num_images (`int`): Number of images per sample (after padding).
-        num_latents (`int`): Latents per image.
-        only_immediate (`bool`): Attend only to that image, or to all images up to it.
-        dtype (`torch.dtype`): Dtype of the mask.
-
-    Returns:
-        `torch.Tensor` of shape `(batch, 1, seq_len, num_images * num_latents)`: 0 where a token may attend, the
-        dtype's minimum elsewhere. Tokens without an image may attend anywhere (keeping the softmax finite); their
-        attention output is zeroed by the block.
-    """
-    key_image = torch.arange(1, num_images + 1, device=token_image_index.device).repeat_interleave(num_latents)
-    query_image = token_image_index.unsqueeze(-1)
-    allowed = query_image == key_image if only_immediate else query_image >= key_image
-    allowed = allowed | (query_image == 0)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=token_image_index.device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
 class FlamingoPreTrainedModel(PreTrainedModel):
@@ -350,14 +120,15 @@ class FlamingoPreTrainedModel(PreTrainedModel):
             init.zeros_(module.ff_gate)
 
 
-class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin):
-    """Flamingo: a vision encoder and Perceiver Resampler whose image latents condition a causal language model
-    through tanh-gated cross-attention blocks.
+class FlamingoModel(FlamingoPreTrainedModel):
+    """The bare Flamingo: a vision encoder and Perceiver Resampler whose image latents condition a causal language
+    model through tanh-gated cross-attention blocks; outputs the language model's last hidden states.
 
     The language model is built with `AutoModelForCausalLM.from_config(config.text_config)` (or given ready-made) and
     left unmodified: the blocks live in `gated_cross_attn_layers` (keyed by the index of the decoder layer they run
-    in front of) and are called from forward pre-hooks on the decoder layers. The language model's own parameters keep
-    their keys under `language_model.`.
+    in front of) and are called from forward pre-hooks on the decoder layers (`language_model_hooks`). The language
+    model's own parameters keep their keys under `language_model.`, in this class and in
+    [`FlamingoForConditionalGeneration`] alike, so either loads the other's checkpoints.
 
     Args:
         config ([`FlamingoConfig`]): Model configuration.
@@ -394,105 +165,19 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         present = {type(module).__name__ for module in self.modules()}
         self._no_split_modules = {name for name in self._no_split_modules if name in present}
 
-    # ----------------------------------------------------------------------------------------------------------------
-    # Construction helpers
-
     @classmethod
-    def from_backbones(
-        cls,
-        vision_model: str | os.PathLike | PreTrainedModel,
-        language_model: str | os.PathLike | PreTrainedModel,
-        *,
-        tokenizer: Any | None = None,
-        dtype: torch.dtype | str | None = None,
-        device_map: Any | None = None,
-        quantization_config: Any | None = None,
-        vision_model_kwargs: dict[str, Any] | None = None,
-        language_model_kwargs: dict[str, Any] | None = None,
-        **config_overrides: Any,
-    ) -> FlamingoForConditionalGeneration:
-        """Builds a new Flamingo around a pretrained vision encoder and causal language model.
-
-        The Perceiver Resampler and the cross-attention blocks are freshly initialised (gates closed, so the result
-        behaves exactly like the language model until trained).
-
-        Args:
-            vision_model (`str`, `os.PathLike` or `PreTrainedModel`):
-                A Hub id or local directory of a vision model (a composite image-text checkpoint such as a CLIP or
-                SigLIP repository contributes its vision tower), or an instantiated vision model (e.g.
-                `CLIPVisionModel`, or a `CLIPModel` whose vision tower is taken).
-            language_model (`str`, `os.PathLike` or `PreTrainedModel`):
-                A Hub id or local directory of a causal LM, or an instantiated `*ForCausalLM`.
-            tokenizer (`PreTrainedTokenizerBase`, *optional*):
-                The tokenizer the model will be used with, typically `FlamingoProcessor(...).tokenizer`. When given,
-                `media_token_id`/`eoc_token_id` are read from its `<image>`/`<|endofchunk|>` tokens and the language
-                model's embeddings are resized to `len(tokenizer)`.
-            dtype (`torch.dtype` or `str`, *optional*): Passed to both backbones' `from_pretrained`.
-            device_map (*optional*): Passed to the language model's `from_pretrained`. A vision model loaded here
-                (given as a Hub id or directory, without a `device_map` of its own in `vision_model_kwargs`) then
-                goes where the language model's input embeddings are, like the new Perceiver Resampler and
-                cross-attention blocks.
-            quantization_config (*optional*): Passed to the language model's `from_pretrained` (e.g.
-                `BitsAndBytesConfig(load_in_4bit=True)`): only the language model is quantized, its `lm_head` excepted.
-                The Flamingo itself is not marked quantized, so `Trainer` trains the bridge without an adapter. Its
-                `save_pretrained` directory reloads with the same layers quantized, and is then marked quantized
-                (`Trainer` then needs a PEFT adapter, see `hf_flamingo.flamingo_lora_config`).
-            vision_model_kwargs (`dict`, *optional*): Extra `from_pretrained` arguments for the vision model.
-            language_model_kwargs (`dict`, *optional*): Extra `from_pretrained` arguments for the language model.
-            **config_overrides: [`FlamingoConfig`] arguments (e.g. `cross_attn_every_n_layers=2`,
-                `media_token_id=...`).
-
-        Returns:
-            [`FlamingoForConditionalGeneration`]
+    def from_backbones(cls, vision_model: Any, language_model: Any, **kwargs: Any) -> FlamingoModel:
+        """Builds a new Flamingo around a pretrained vision encoder and causal language model (fresh Perceiver
+        Resampler and cross-attention blocks, gates closed, backbones frozen). Arguments: see
+        [`hf_flamingo.backbones.from_backbones`], e.g. `tokenizer=`, `dtype=`, `device_map=`,
+        `quantization_config=`, `cross_attn_every_n_layers=`.
         """
-        vision_model_loaded_here = isinstance(vision_model, (str, os.PathLike))
-        vision_model = _load_vision_model(vision_model, dtype, vision_model_kwargs or {})
-        if isinstance(language_model, (str, os.PathLike)):
-            lm_kwargs = dict(language_model_kwargs or {})
-            for name, value in (
-                ("dtype", dtype),
-                ("device_map", device_map),
-                ("quantization_config", quantization_config),
-            ):
-                if value is not None:
-                    lm_kwargs.setdefault(name, value)
-            language_model = AutoModelForCausalLM.from_pretrained(language_model, **lm_kwargs)
-        elif not isinstance(language_model, PreTrainedModel):
-            raise TypeError(
-                "`language_model` must be a Hub id, a local directory or a transformers `*ForCausalLM` model, got "
-                f"{type(language_model).__name__}."
-            )
-
-        if tokenizer is not None:
-            config_overrides.setdefault("media_token_id", _special_token_id(tokenizer, "<image>", "media_token_id"))
-            config_overrides.setdefault("eoc_token_id", _special_token_id(tokenizer, "<|endofchunk|>", "eoc_token_id"))
-        if "vision_feature_select_strategy" not in config_overrides:
-            config_overrides["vision_feature_select_strategy"] = (
-                "default" if _has_class_token(vision_model) else "full"
-            )
-        config = FlamingoConfig(
-            vision_config=vision_model.config, text_config=language_model.config, **config_overrides
-        )
-
-        model = cls(config, vision_model=vision_model, language_model=language_model)
-        bridge_device = language_model.get_input_embeddings().weight.device
-        if (
-            device_map is not None
-            and vision_model_loaded_here
-            and "device_map" not in (vision_model_kwargs or {})
-            and bridge_device.type != "meta"
-        ):
-            vision_model.to(bridge_device)
-        bridge_dtype = language_model.get_input_embeddings().weight.dtype
-        if not bridge_dtype.is_floating_point:
-            bridge_dtype = torch.float32
-        model.perceiver.to(device=bridge_device, dtype=bridge_dtype)
-        model.gated_cross_attn_layers.to(device=bridge_device, dtype=bridge_dtype)
-        if tokenizer is not None and len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
-        model.freeze_backbones()
-        keep_4bit_layers_differentiable(model)
-        return model.eval()
+        # Imported by name at call time: the builder is not part of a saved checkpoint's remote code.
+        try:
+            backbones = importlib.import_module("hf_flamingo.backbones")
+        except ImportError as error:
+            raise ImportError("`from_backbones` needs the `hf_flamingo` package installed.") from error
+        return backbones.from_backbones(cls, vision_model, language_model, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> FlamingoForConditionalGeneration:
@@ -647,102 +332,9 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             raise ValueError("Pass either `pixel_values` or `image_hidden_states`, not both.")
         if pixel_values is not None:
             image_hidden_states = self.get_image_features(pixel_values)
-        if image_hidden_states is None:
-            return None
-        if image_hidden_states.ndim != 4:
-            raise ValueError(
-                "`image_hidden_states` must have shape (batch_size, num_images, num_latents, vision_hidden_size), got "
-                f"{tuple(image_hidden_states.shape)}."
-            )
-        if image_hidden_states.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"Got images for {image_hidden_states.shape[0]} samples but `input_ids` has {input_ids.shape[0]} rows."
-            )
+        if image_hidden_states is not None:
+            check_image_hidden_states(image_hidden_states, input_ids.shape[0])
         return image_hidden_states
-
-    def _resolve_cross_attention_states(
-        self, input_ids: torch.LongTensor, cross_attention_states: torch.FloatTensor
-    ) -> torch.FloatTensor:
-        """Checks precomputed keys/values against the model and the batch."""
-        num_blocks, num_latents = len(self.gated_cross_attn_layers), self.config.perceiver_num_latents
-        width = 2 * self.config.xattn_heads * self.config.xattn_dim_head
-        if cross_attention_states.ndim != 4:
-            raise ValueError(
-                "`cross_attention_states` must have shape (batch_size, num_blocks, num_images * num_latents, "
-                f"{width}), got {tuple(cross_attention_states.shape)}."
-            )
-        if cross_attention_states.shape[1] != num_blocks:
-            raise ValueError(
-                f"`cross_attention_states` holds keys/values for {cross_attention_states.shape[1]} blocks, the model "
-                f"has {num_blocks}."
-            )
-        if cross_attention_states.shape[2] % num_latents or cross_attention_states.shape[3] != width:
-            raise ValueError(
-                f"`cross_attention_states` must hold a multiple of {num_latents} keys of width {width} per block, "
-                f"got shape {tuple(cross_attention_states.shape)}."
-            )
-        if cross_attention_states.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"Got `cross_attention_states` for {cross_attention_states.shape[0]} samples but `input_ids` has "
-                f"{input_ids.shape[0]} rows."
-            )
-        return cross_attention_states
-
-    def _token_image_index(
-        self,
-        input_ids: torch.LongTensor,
-        num_images: int,
-        token_image_index: torch.LongTensor | None,
-        cache: Cache | None,
-    ) -> torch.LongTensor:
-        """For every token, the 1-based index of the image it attends to (0: none), checked against `num_images`.
-
-        Without `token_image_index`, a token attends to the image of the most recent `<image>` token up to it
-        (OpenFlamingo's rule), which only holds for tokens that start a sequence.
-        """
-        if token_image_index is not None:
-            if token_image_index.shape != input_ids.shape:
-                raise ValueError(
-                    f"`token_image_index` must have the shape of `input_ids`, {tuple(input_ids.shape)}; got "
-                    f"{tuple(token_image_index.shape)}."
-                )
-            if not torch.compiler.is_compiling() and token_image_index.numel():
-                low, high = int(token_image_index.min()), int(token_image_index.max())
-                if low < 0 or high > num_images:
-                    raise ValueError(
-                        f"`token_image_index` holds values from {low} to {high}, but must lie between 0 and the "
-                        f"number of images given per sample, {num_images}."
-                    )
-            return token_image_index
-
-        if num_images and cache is not None and int(cache.get_seq_length()) > 0:
-            raise ValueError(
-                "Continuing from a non-empty cache with images needs `token_image_index`, the image each new token "
-                "attends to (e.g. `last_image_index[:, None].expand_as(input_ids)` after prompts holding "
-                "`last_image_index` images); `generate` passes it."
-            )
-        token_image_index = (input_ids == self.config.media_token_id).cumsum(dim=-1)
-        if torch.compiler.is_compiling():
-            return token_image_index
-        counts = token_image_index[:, -1] if token_image_index.numel() else token_image_index.new_zeros(1)
-        if num_images:
-            if int(counts.max()) > num_images:
-                sample = int(counts.argmax())
-                raise ValueError(
-                    f"Sample {sample} has {int(counts[sample])} `<image>` tokens but only {num_images} image(s) per "
-                    "sample were given; every `<image>` token needs an image."
-                )
-            if int(counts.max()) == 0:
-                raise ValueError(
-                    "Images were given but `input_ids` contains no `<image>` token (id "
-                    f"{self.config.media_token_id}); put one `<image>` token where each image appears in the text."
-                )
-        elif int(counts.max()) > 0:
-            raise ValueError(
-                f"`input_ids` contains `<image>` tokens (id {self.config.media_token_id}) but no `pixel_values` or "
-                "`image_hidden_states` were given."
-            )
-        return token_image_index
 
     def get_cross_attention_states(self, image_hidden_states: torch.FloatTensor) -> torch.FloatTensor:
         """Projects image latents to every gated block's cross-attention keys and values, once.
@@ -769,42 +361,113 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             states[:, position] = block.key_values(media)
         return states
 
-    def _cross_attention_conditioning(
+    def _conditioning(
         self,
-        token_image_index: torch.LongTensor,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None,
         image_hidden_states: torch.FloatTensor | None,
         cross_attention_states: torch.FloatTensor | None,
-    ) -> dict[int, CrossAttentionConditioning]:
-        """What each gated block needs for one forward, keyed by the index of the decoder layer it runs before."""
-        blocks = self.gated_cross_attn_layers
-        if image_hidden_states is None and cross_attention_states is None:
-            return {int(index): CrossAttentionConditioning(block) for index, block in blocks.items()}
-        num_latents = self.config.perceiver_num_latents
-        media, key_values = None, [None] * len(blocks)
+        token_image_index: torch.LongTensor | None,
+        cache: Cache | None,
+    ) -> tuple[dict[int, CrossAttentionConditioning], torch.FloatTensor | None]:
+        """Encodes the images (unless given as latents or keys/values), works out which image each token attends to,
+        and returns what every gated block needs for this forward, with the image latents."""
         if cross_attention_states is not None:
-            key_values = cross_attention_states.unbind(dim=1)
-            num_keys, dtype = cross_attention_states.shape[2], cross_attention_states.dtype
-        else:
-            batch, num_images, _, dim = image_hidden_states.shape
-            media = image_hidden_states.reshape(batch, num_images * num_latents, dim)
-            num_keys, dtype = media.shape[1], media.dtype
-        num_images = num_keys // num_latents
-        # With one image, every token that has an image attends to all keys: no mask needed.
-        attention_bias = (
-            build_cross_attention_mask(
-                token_image_index, num_images, num_latents, self.config.only_attend_immediate_media, dtype
+            if pixel_values is not None or image_hidden_states is not None:
+                raise ValueError(
+                    "Pass the images once: `pixel_values`, `image_hidden_states` or `cross_attention_states`."
+                )
+            width = 2 * self.config.xattn_heads * self.config.xattn_dim_head
+            num_latents = self.config.perceiver_num_latents
+            check_cross_attention_states(
+                cross_attention_states, input_ids.shape[0], len(self.gated_cross_attn_layers), num_latents, width
             )
-            if num_images > 1
-            else None
+            num_images = cross_attention_states.shape[2] // num_latents
+        else:
+            image_hidden_states = self._resolve_image_hidden_states(input_ids, pixel_values, image_hidden_states)
+            num_images = 0 if image_hidden_states is None else image_hidden_states.shape[1]
+        token_image_index = resolve_token_image_index(
+            input_ids, self.config.media_token_id, num_images, token_image_index, cache
         )
-        media_rows = (token_image_index > 0).unsqueeze(-1)
-        return {
-            int(index): CrossAttentionConditioning(block, media, attention_bias, media_rows, key_values[position])
-            for position, (index, block) in enumerate(blocks.items())
-        }
+        conditioning = block_conditioning(
+            self.gated_cross_attn_layers,
+            token_image_index,
+            image_hidden_states,
+            cross_attention_states,
+            self.config.perceiver_num_latents,
+            self.config.only_attend_immediate_media,
+        )
+        if self.training and torch.is_grad_enabled():
+            self._lm_hooks.check_gradient_checkpointing(self.language_model)
+        return conditioning, image_hidden_states
 
-    # ----------------------------------------------------------------------------------------------------------------
-    # Forward and generation
+    def _run_language_model(self, module: nn.Module, conditioning: dict, **inputs: Any) -> Any:
+        """Calls `module` (the language model or its decoder) with the blocks conditioned for this thread's call.
+
+        The language model is not modified: the hooks apply `conditioning` to the calls this thread makes inside the
+        block. On CPU, its float32 products that autograd does not record run through oneDNN for the duration of the
+        call (see `cpu_kernels`); recorded ones (training) keep its kernels.
+        """
+        with self._lm_hooks.conditioning(conditioning), onednn_linears_on(inputs["input_ids"].device):
+            return module(**inputs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_hidden_states: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        token_image_index: torch.LongTensor | None = None,
+        cross_attention_states: torch.FloatTensor | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> FlamingoModelOutputWithPast | tuple:
+        r"""
+        The language model's decoder (`language_model.get_decoder()`) conditioned on the images; arguments as in
+        [`FlamingoForConditionalGeneration.forward`] (without `labels` and `logits_to_keep`).
+
+        Returns:
+            [`FlamingoModelOutputWithPast`] (`last_hidden_state`, the cache, `hidden_states`, `attentions`,
+            `image_hidden_states`) or `tuple`.
+        """
+        _check_text_inputs(input_ids, kwargs)
+        cache = merge_cache_arguments(cache, past_key_values)
+        conditioning, image_hidden_states = self._conditioning(
+            input_ids, pixel_values, image_hidden_states, cross_attention_states, token_image_index, cache
+        )
+        decoder = self.language_model.get_decoder()
+        kwargs[cache_argument_name(decoder)] = cache
+        outputs = self._run_language_model(
+            decoder,
+            conditioning,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+        output = FlamingoModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.get("hidden_states"),
+            attentions=outputs.get("attentions"),
+            image_hidden_states=image_hidden_states,
+            **{CACHE_NAME: cache_from_output(outputs)},
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+
+class FlamingoForConditionalGeneration(FlamingoModel, FlamingoGenerationMixin):
+    """Flamingo with its language model's head: next-token logits and loss, and `generate`.
+
+    The same modules and checkpoint keys as [`FlamingoModel`] (the head is the language model's own `lm_head`);
+    `forward` runs the whole causal LM instead of its decoder.
+    """
 
     def forward(
         self,
@@ -867,47 +530,25 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         Returns:
             [`FlamingoCausalLMOutputWithPast`] or `tuple`.
         """
-        if input_ids is None:
-            raise ValueError(
-                "FlamingoForConditionalGeneration needs `input_ids`: the `<image>` tokens in them decide which image "
-                "each token attends to."
-            )
-        if kwargs.pop("inputs_embeds", None) is not None:
-            raise ValueError("Pass `input_ids` only, not `inputs_embeds`.")
+        _check_text_inputs(input_ids, kwargs)
         cache = merge_cache_arguments(cache, past_key_values)
-        if cross_attention_states is not None:
-            if pixel_values is not None or image_hidden_states is not None:
-                raise ValueError(
-                    "Pass the images once: `pixel_values`, `image_hidden_states` or `cross_attention_states`."
-                )
-            cross_attention_states = self._resolve_cross_attention_states(input_ids, cross_attention_states)
-            num_images = cross_attention_states.shape[2] // self.config.perceiver_num_latents
-        else:
-            image_hidden_states = self._resolve_image_hidden_states(input_ids, pixel_values, image_hidden_states)
-            num_images = 0 if image_hidden_states is None else image_hidden_states.shape[1]
-        token_image_index = self._token_image_index(input_ids, num_images, token_image_index, cache)
-        conditioning = self._cross_attention_conditioning(
-            token_image_index, image_hidden_states, cross_attention_states
+        conditioning, image_hidden_states = self._conditioning(
+            input_ids, pixel_values, image_hidden_states, cross_attention_states, token_image_index, cache
         )
-        if self.training and torch.is_grad_enabled():
-            self._lm_hooks.check_gradient_checkpointing(self.language_model)
         if self._language_model_takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         kwargs[self._lm_cache_argument] = cache
-        # The language model is not modified: the hooks apply `conditioning` to the calls this thread makes inside
-        # the block. On CPU, its float32 products that autograd does not record run through oneDNN for the duration
-        # of the call (see `cpu_kernels`); recorded ones (training) keep its kernels.
-        with self._lm_hooks.conditioning(conditioning), onednn_linears_on(input_ids.device):
-            lm_outputs = self.language_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                labels=labels,
-                return_dict=True,
-                **kwargs,
-            )
-
+        lm_outputs = self._run_language_model(
+            self.language_model,
+            conditioning,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            labels=labels,
+            return_dict=True,
+            **kwargs,
+        )
         logits = lm_outputs.logits
         if not self._language_model_takes_logits_to_keep and isinstance(logits_to_keep, int) and logits_to_keep:
             logits = logits[:, -logits_to_keep:]
@@ -922,76 +563,6 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        image_hidden_states: torch.FloatTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Any,
-    ):
-        """Generates text conditioned on images, through the standard [`~GenerationMixin.generate`].
-
-        The images are encoded, and every gated block's keys/values projected, once per call, before the batch is
-        expanded for beams or `num_return_sequences` ([`~hf_flamingo.generation_flamingo.FlamingoGenerationImages`]).
-        Every generated token attends to the last image of its prompt; an `<image>` token produced by generation
-        does not start a new image. Everything else is transformers' `generate`: every decoding strategy, cache
-        implementation and `torch.compile`.
-
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): The prompts (left-padded).
-            pixel_values (`torch.FloatTensor`, *optional*): The images, as in [`~FlamingoForConditionalGeneration.forward`].
-            image_hidden_states (`torch.FloatTensor`, *optional*): Precomputed image latents instead of `pixel_values`.
-            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): Padding mask.
-            **kwargs: Generation arguments (`max_new_tokens`, `num_beams`, `do_sample`, `generation_config`, ...).
-
-        Returns:
-            `torch.LongTensor` or a [`~utils.ModelOutput`], as [`~GenerationMixin.generate`].
-        """
-        for name in ("cross_attention_states", "token_image_index"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"`generate` computes `{name}` itself: pass `pixel_values` or `image_hidden_states`.")
-        images = kwargs.pop("flamingo_images", None)
-        if images is None:
-            if input_ids is None:
-                raise ValueError("`generate` needs `input_ids` (the prompt, with its `<image>` tokens).")
-            images = FlamingoGenerationImages(self, input_ids, pixel_values, image_hidden_states)
-        elif pixel_values is not None or image_hidden_states is not None:
-            raise ValueError("Pass the images as `pixel_values` or `image_hidden_states`, not with `flamingo_images`.")
-        else:
-            images.bind(self)  # an assistant model in assisted decoding gets the main model's arguments
-        return super().generate(input_ids, attention_mask=attention_mask, flamingo_images=images, **kwargs)
-
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        *args: Any,
-        flamingo_images: FlamingoGenerationImages | None = None,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        """The inputs of one decoding step: the language model's own (its `prepare_inputs_for_generation`, so that
-        its mask and position conventions apply, e.g. BLOOM's 2-D mask under a static cache) plus the image inputs
-        of the tokens the step feeds.
-
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): Every token so far.
-            flamingo_images ([`~hf_flamingo.generation_flamingo.FlamingoGenerationImages`], *optional*):
-                The call's images, which [`~FlamingoForConditionalGeneration.generate`] prepares.
-            *args, **kwargs: As [`~GenerationMixin.prepare_inputs_for_generation`] of the installed transformers.
-        """
-        if flamingo_images is None and any(
-            kwargs.get(name) is not None for name in ("pixel_values", "image_hidden_states")
-        ):
-            raise ValueError(
-                "Generating with images goes through `FlamingoForConditionalGeneration.generate`, which prepares them "
-                "once per call; `GenerationMixin.generate` alone would drop them after the prompt."
-            )
-        model_inputs = self.language_model.prepare_inputs_for_generation(input_ids, *args, **kwargs)
-        if flamingo_images is not None:
-            model_inputs.update(flamingo_images.step_inputs(self, input_ids, model_inputs["input_ids"].shape[1]))
-        return model_inputs
-
 
 def _causal_lm_from_config(text_config: PretrainedConfig) -> PreTrainedModel:
     # Language models bundled with this package are built directly, so that remote-code exports work without it.
@@ -1004,59 +575,20 @@ def _accepts_argument(module: nn.Module, argument: str) -> bool:
     return argument in inspect.signature(module.forward).parameters
 
 
-def _special_token_id(tokenizer: Any, token: str, name: str) -> int:
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or token_id == tokenizer.unk_token_id:
+def _check_text_inputs(input_ids: torch.LongTensor | None, kwargs: dict[str, Any]) -> None:
+    if input_ids is None:
         raise ValueError(
-            f"The tokenizer has no {token!r} token, so `{name}` cannot be set. Build a `FlamingoProcessor` from it "
-            f"(which adds `<image>` and `<|endofchunk|>`) or add the token with `tokenizer.add_special_tokens`."
+            "Flamingo needs `input_ids`: the `<image>` tokens in them decide which image each token attends to."
         )
-    return token_id
-
-
-def _has_class_token(vision_model: PreTrainedModel) -> bool:
-    """Whether the vision encoder prepends a class token (CLIP-like) to its patch tokens."""
-    return any(name.split(".")[-1] in ("class_embedding", "cls_token") for name, _ in vision_model.named_parameters())
-
-
-def _load_vision_model(
-    vision_model: str | os.PathLike | PreTrainedModel, dtype: torch.dtype | str | None, kwargs: dict[str, Any]
-) -> PreTrainedModel:
-    if isinstance(vision_model, (str, os.PathLike)):
-        hub_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
-        config = AutoConfig.from_pretrained(vision_model, **hub_kwargs)
-        vision_config = getattr(config, "vision_config", None) or config
-        model_class = AutoModel._model_mapping[type(vision_config)]
-        load_kwargs = dict(kwargs)
-        if dtype is not None:
-            load_kwargs.setdefault("dtype", dtype)
-        return model_class.from_pretrained(vision_model, config=vision_config, **load_kwargs)
-    if not isinstance(vision_model, PreTrainedModel):
-        raise TypeError(
-            "`vision_model` must be a Hub id, a local directory or a transformers vision model, got "
-            f"{type(vision_model).__name__}."
-        )
-    vision_config = getattr(vision_model.config, "vision_config", None)
-    if vision_config is None:
-        return vision_model
-    # A composite image-text model (CLIPModel, SiglipModel, ...): keep only its vision tower.
-    source = getattr(vision_model, "vision_model", None)
-    if isinstance(source, PreTrainedModel):
-        return source
-    if not isinstance(source, nn.Module):
-        raise TypeError(
-            f"{type(vision_model).__name__} has a `vision_config` but no `vision_model` tower to take; pass the "
-            "vision model itself."
-        )
-    tower = AutoModel.from_config(vision_config)
-    tower.vision_model.load_state_dict(source.state_dict())
-    reference = next(source.parameters())
-    return tower.to(device=reference.device, dtype=reference.dtype)
+    if kwargs.pop("inputs_embeds", None) is not None:
+        raise ValueError("Pass `input_ids` only, not `inputs_embeds`.")
 
 
 __all__ = [
     "FlamingoCausalLMOutputWithPast",
     "FlamingoForConditionalGeneration",
+    "FlamingoModel",
+    "FlamingoModelOutputWithPast",
     "FlamingoPreTrainedModel",
     "build_cross_attention_mask",
 ]
