@@ -16,7 +16,6 @@ from hf_flamingo.conversion.openflamingo import (
     CheckpointError,
     load_openflamingo_checkpoint,
     normalize_openflamingo_state_dict,
-    write_directory_atomically,
 )
 from hf_flamingo.conversion.openflamingo_to_hf import (
     model_card,
@@ -25,6 +24,7 @@ from hf_flamingo.conversion.openflamingo_to_hf import (
     save_converted_model,
 )
 from hf_flamingo.conversion.releases import get_release
+from hf_flamingo.conversion.writing import write_directory_atomically
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "conversion" / "convert_openflamingo_to_hf.py"
@@ -86,7 +86,7 @@ def test_cli_converts_and_refuses_to_overwrite(files, tmp_path):
     modified = {p.name: p.stat().st_mtime_ns for p in output_dir.iterdir()}
     again = run_cli("--checkpoint", files / "checkpoint.pt", *backbone_args(files), "--output-dir", output_dir)
     assert again.returncode != 0
-    assert "already exists (pass --overwrite to replace it)" in again.stderr
+    assert "already exists; pass --overwrite" in again.stderr
     assert sorted(p.name for p in output_dir.iterdir()) == before
     assert {p.name: p.stat().st_mtime_ns for p in output_dir.iterdir()} == modified
 

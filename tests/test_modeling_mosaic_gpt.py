@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import math
 
+import mosaic_gpt_conversion
 import pytest
 import torch
 import torch.nn.functional as F
+from mosaic_gpt_conversion import mosaic_gpt_state_dict_from_remote_code, mosaic_gpt_to_mpt
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, MptForCausalLM
@@ -19,8 +21,6 @@ from transformers.models.mpt import modeling_mpt
 import hf_flamingo  # noqa: F401  (registers the Auto classes)
 from hf_flamingo import MosaicGPTConfig, MosaicGPTForCausalLM
 from hf_flamingo.cache_compat import cache_from_output
-from hf_flamingo.conversion import mosaic_gpt as mosaic_gpt_conversion
-from hf_flamingo.conversion.mosaic_gpt import mosaic_gpt_state_dict_from_remote_code, mosaic_gpt_to_mpt
 from hf_flamingo.modeling_mosaic_gpt import MosaicGPTLayerNorm, alibi_slopes
 
 VOCAB_SIZE = 99

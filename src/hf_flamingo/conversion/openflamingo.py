@@ -19,10 +19,8 @@ import logging
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -485,42 +483,6 @@ def check_checkpoint_against_release(
         raise CheckpointError(f"The checkpoint is not one of {release.name}: {error}") from error
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Writing
-
-
-def write_directory_atomically(
-    output_dir: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False
-) -> Path:
-    """Runs `write(tmp_dir)` in a temporary sibling directory, then moves it to `output_dir`.
-
-    An interrupted or failing `write` leaves no `output_dir` behind (and an existing one untouched).
-
-    Raises:
-        FileExistsError: if `output_dir` exists and `overwrite` is false.
-    """
-    output_dir = Path(output_dir).absolute()
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"Output directory {str(output_dir)!r} already exists; pass overwrite=True to replace it."
-        )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
-    try:
-        write(tmp_dir)
-        if output_dir.exists():
-            old_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".old", dir=output_dir.parent))
-            os.replace(output_dir, old_dir / output_dir.name)
-            os.replace(tmp_dir, output_dir)
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return output_dir
-
-
 __all__ = [
     "CheckpointError",
     "ConversionReport",
@@ -532,5 +494,4 @@ __all__ = [
     "map_openflamingo_state_dict",
     "normalize_openflamingo_state_dict",
     "release_flamingo_config",
-    "write_directory_atomically",
 ]

@@ -30,9 +30,9 @@ from .openflamingo import (
     load_openflamingo_checkpoint,
     load_openflamingo_weights,
     map_openflamingo_state_dict,
-    write_directory_atomically,
 )
 from .releases import OPENFLAMINGO_RELEASES, OpenFlamingoRelease, get_release
+from .writing import check_output_dir, push_directory_to_hub, write_directory_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -290,12 +290,12 @@ def push_converted_model(
     output_dir: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None
 ):
     """Uploads a converted directory to the Hub (creating the repository if needed)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    return api.upload_folder(
-        repo_id=repo_id, folder_path=str(output_dir), commit_message="Convert OpenFlamingo checkpoint with hf_flamingo"
+    return push_directory_to_hub(
+        output_dir,
+        repo_id,
+        commit_message="Convert OpenFlamingo checkpoint with hf_flamingo",
+        private=private,
+        token=token,
     )
 
 
@@ -343,9 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("pass --release, or both --vision-model and --language-model")
     if args.release is None and args.checkpoint is None:
         parser.error("pass --checkpoint (there is no release to take it from)")
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not args.overwrite:
-        parser.error(f"output directory {str(output_dir)!r} already exists (pass --overwrite to replace it)")
+    try:
+        output_dir = check_output_dir(args.output_dir, args.overwrite)
+    except FileExistsError as error:
+        parser.error(str(error))
     release = get_release(args.release) if args.release else None
     try:
         model, processor, report = convert_openflamingo_checkpoint(

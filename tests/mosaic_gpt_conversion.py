@@ -1,4 +1,5 @@
-"""MosaicGPT (`model_type: "mosaic_gpt"`) state-dict conversions.
+"""Test helpers: MosaicGPT (`model_type: "mosaic_gpt"`) state-dict conversions (the Hub remote code's keys, and
+transformers' native MPT), which the tests use to check the native MosaicGPT against both.
 
 - `mosaic_gpt_state_dict_from_remote_code`: a state dict of the Hub remote code (e.g.
   `anas-awadalla/mpt-1b-redpajama-200b`) for [`MosaicGPTForCausalLM`]. The parameter names are the same, so this only
@@ -16,9 +17,9 @@ import torch
 from transformers import MptConfig
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
-from ..configuration_mosaic_gpt import MosaicGPTConfig
-from ..modeling_mosaic_gpt import MosaicGPTForCausalLM, alibi_slopes
-from ._checks import format_keys, key_set_problems
+from hf_flamingo.configuration_mosaic_gpt import MosaicGPTConfig
+from hf_flamingo.conversion._checks import format_keys, key_set_problems
+from hf_flamingo.modeling_mosaic_gpt import MosaicGPTForCausalLM, alibi_slopes
 
 _EMBEDDING = "transformer.wte.weight"
 _LM_HEAD = "lm_head.weight"
