@@ -7,7 +7,6 @@ OpenFlamingo `vision_x = pixel_values.unsqueeze(2)` of shape (B, T_img, 1, 3, H,
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from setups import Setup
 from timing import MB, Candidate, Stats, run_alternating
 from torch.utils.flop_counter import FlopCounterMode
 
-from hf_flamingo.cpu_kernels import onednn_linears_on
+from hf_flamingo import cpu_fast_path
 
 CAPTIONS = [
     "A man riding a wave on top of a white surfboard.",
@@ -42,7 +41,9 @@ VQA = [
 ]
 TRAIN_TOKENS = 128
 SAME_KERNELS = "bare LM, oneDNN products ({})"
-"""The bare LM with its products on oneDNN, as hf_flamingo runs its language model on CPU (a like-for-like floor)."""
+"""The bare LM inside `hf_flamingo.cpu_fast_path`, as `FAST` runs its language model (a like-for-like floor)."""
+FAST = "hf_flamingo + cpu_fast_path"
+"""hf_flamingo with the opt-in CPU switch on (`hf_flamingo.cpu_fast_path`): float32 inference products on oneDNN."""
 
 
 @dataclass
@@ -133,9 +134,11 @@ def generation_kwargs(setup: Setup, new_tokens: int, num_beams: int) -> dict[str
     }
 
 
-def ours_generate(setup: Setup, inputs: Inputs, **kwargs: Any) -> Callable[[], torch.Tensor]:
+def ours_generate(setup: Setup, inputs: Inputs, fast: bool = False, **kwargs: Any) -> Callable[[], torch.Tensor]:
+    """hf_flamingo's `generate`; with `fast`, inside `cpu_fast_path()`."""
+
     def run() -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), cpu_fast_path(enabled=fast):
             return setup.ours.generate(
                 input_ids=inputs.input_ids,
                 attention_mask=inputs.attention_mask,
@@ -168,17 +171,16 @@ def bare_generate(
 ) -> Callable[[], torch.Tensor]:
     """The bare LM decoding `input_ids` (left-padded when `attention_mask` has zeros) exactly like the Flamingo.
 
-    As transformers runs it; with `same_kernels`, with its products on oneDNN as inside hf_flamingo's forward on CPU.
+    As transformers runs it; with `same_kernels`, inside `cpu_fast_path()` (its products on oneDNN), as `FAST`.
     """
     kwargs = dict(kwargs)
     kwargs.pop("eos_token_id", None)
     kwargs["pad_token_id"] = setup.bare_lm.config.eos_token_id if setup.bare_lm.config.eos_token_id is not None else 0
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    device = next(setup.bare_lm.parameters()).device
 
     def run() -> torch.Tensor:
-        with torch.inference_mode(), onednn_linears_on(device) if same_kernels else contextlib.nullcontext():
+        with torch.inference_mode(), cpu_fast_path(enabled=same_kernels):
             return setup.bare_lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     return run
@@ -214,9 +216,9 @@ def count_gflops(run: Callable[[], Any], *modules: torch.nn.Module, inference: b
     multiply-add = 2 FLOPs; elementwise work not counted). Untimed.
 
     For inference runs the parameters of `modules` are switched to `requires_grad=False` while counting: the
-    counter's module tracker cannot hook parameters that require grad under `torch.inference_mode()`. oneDNN is
-    switched off while counting: the counter only knows aten's products, and hf_flamingo's oneDNN linears (see
-    `hf_flamingo.cpu_kernels`) compute the same products as the `F.linear` they then fall back to.
+    counter's module tracker cannot hook parameters that require grad under `torch.inference_mode()`. Counted on
+    the default path, oneDNN switched off: the counter only knows aten's products (`cpu_fast_path` computes the same
+    products on oneDNN).
     """
     saved = [(p, p.requires_grad) for module in modules for p in module.parameters()] if inference else []
     for parameter, _ in saved:
@@ -263,6 +265,7 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
     stats = run_alternating(
         [
             Candidate("hf_flamingo", ours_generate(setup, inputs, **kwargs)),
+            Candidate(FAST, ours_generate(setup, inputs, fast=True, **kwargs)),
             Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
             Candidate("bare LM (3 beams, 20 tokens)", bare_generate(setup, text_ids, **kwargs)),
             Candidate(same_kernels_name, bare_generate(setup, text_ids, same_kernels=True, **kwargs)),
@@ -288,11 +291,12 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
         "images": int(inputs.pixel_values.shape[1]),
         "stats": stats,
         "identical": identical(stats["hf_flamingo"].last_result, stats["OpenFlamingo"].last_result),
+        "fast_identical": identical(stats[FAST].last_result, stats["OpenFlamingo"].last_result),
         "floor_s": floor,
         "ours_over_floor": stats["hf_flamingo"].median / floor,
         "same_kernels_name": same_kernels_name,
         "floor_same_kernels_s": floor_same_kernels,
-        "ours_over_floor_same_kernels": stats["hf_flamingo"].median / floor_same_kernels,
+        "ours_over_floor_same_kernels": stats[FAST].median / floor_same_kernels,
     }
 
 
@@ -311,6 +315,7 @@ def run_w2(setup: Setup, new_tokens: int, repeats: int, warmup: int, log=print) 
     stats = run_alternating(
         [
             Candidate("hf_flamingo", ours_generate(setup, inputs, **kwargs)),
+            Candidate(FAST, ours_generate(setup, inputs, fast=True, **kwargs)),
             Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
             Candidate(bare_name, bare),
             Candidate(
@@ -338,12 +343,13 @@ def run_w2(setup: Setup, new_tokens: int, repeats: int, warmup: int, log=print) 
         "ours_over_floor": stats["hf_flamingo"].median / floor,
         "same_kernels_name": same_kernels_name,
         "floor_same_kernels_s": floor_same_kernels,
-        "ours_over_floor_same_kernels": stats["hf_flamingo"].median / floor_same_kernels,
+        "ours_over_floor_same_kernels": stats[FAST].median / floor_same_kernels,
         "gflops": gflops,
         "batch": int(inputs.input_ids.shape[0]),
         "prompt_tokens": [int(n) for n in inputs.attention_mask.sum(dim=1)],
         "stats": stats,
         "identical": identical(stats["hf_flamingo"].last_result, stats["OpenFlamingo"].last_result),
+        "fast_identical": identical(stats[FAST].last_result, stats["OpenFlamingo"].last_result),
     }
 
 
@@ -383,10 +389,11 @@ def run_w3(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
             labels=inputs.labels,
         ).loss
 
-    def step(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], float]:
+    def step(loss_fn: Callable[[], torch.Tensor], fast: bool = False) -> Callable[[], float]:
         def run() -> float:
-            loss = loss_fn()
-            loss.backward()
+            with cpu_fast_path(enabled=fast):
+                loss = loss_fn()
+                loss.backward()
             return loss.item()
 
         return run
@@ -402,6 +409,7 @@ def run_w3(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
             stats = run_alternating(
                 [
                     Candidate("hf_flamingo", step(ours_loss), lambda: ours.zero_grad(set_to_none=True)),
+                    Candidate(FAST, step(ours_loss, fast=True), lambda: ours.zero_grad(set_to_none=True)),
                     Candidate("OpenFlamingo", step(oracle_loss), lambda: oracle.zero_grad(set_to_none=True)),
                 ],
                 repeats=repeats,
@@ -490,6 +498,7 @@ def run_w4(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
     same_kernels_name = SAME_KERNELS.format("B=1, greedy")
     models = {
         "hf_flamingo": lambda n: ours_generate(setup, inputs, **generation_kwargs(setup, n, 1)),
+        FAST: lambda n: ours_generate(setup, inputs, fast=True, **generation_kwargs(setup, n, 1)),
         "OpenFlamingo": lambda n: oracle_generate(setup, inputs, **generation_kwargs(setup, n, 1)),
         "bare LM": lambda n: bare_generate(setup, text_ids, **generation_kwargs(setup, n, 1)),
         same_kernels_name: lambda n: bare_generate(

@@ -15,6 +15,7 @@ from transformers import (
 
 from .configuration_flamingo import FlamingoConfig
 from .configuration_mosaic_gpt import MosaicGPTConfig
+from .cpu_kernels import cpu_fast_path
 from .data_collator import FlamingoDataCollator, build_flamingo_labels
 from .image_processing_flamingo import FlamingoImageProcessor
 from .modeling_flamingo import (
@@ -67,5 +68,6 @@ __all__ = [
     "MosaicGPTForCausalLM",
     "MosaicGPTModel",
     "build_flamingo_labels",
+    "cpu_fast_path",
     "flamingo_lora_config",
 ]

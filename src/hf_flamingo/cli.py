@@ -55,6 +55,12 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-beams", type=int, default=3, help="Beam-search width (default 3, as OpenFlamingo).")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu).")
+    parser.add_argument(
+        "--no-cpu-fast-path",
+        action="store_true",
+        help="On CPU, keep PyTorch's default kernels (by default float32 inference products run on oneDNN, "
+        "`hf_flamingo.cpu_fast_path`).",
+    )
     parser.add_argument("--show-prompt", action="store_true", help="Also print the prompt (to stderr).")
 
 
@@ -107,6 +113,12 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="Average class scores over up to 6 orders of the demonstrations [imagenet, hateful_memes].",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu).")
+    parser.add_argument(
+        "--no-cpu-fast-path",
+        action="store_true",
+        help="On CPU, keep PyTorch's default kernels (by default float32 inference products run on oneDNN, "
+        "`hf_flamingo.cpu_fast_path`).",
+    )
     parser.add_argument("--output", metavar="JSON", help="Write the results (with the full configuration) here.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
     paths = parser.add_argument_group("dataset paths")
@@ -208,10 +220,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.show_prompt:
         print(prompt, file=sys.stderr)
     model, processor = _load_model_and_processor(model_source, args.device)
+    from .cpu_kernels import cpu_fast_path
     from .evaluation.runner import generate_batch
 
     settings = prompts.GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
-    output = generate_batch(model, processor, [prompt], [images], settings)[0]
+    with cpu_fast_path(enabled=not args.no_cpu_fast_path):
+        output = generate_batch(model, processor, [prompt], [images], settings)[0]
     print(prompts.postprocess_caption(output).strip())
     return 0
 
@@ -248,7 +262,14 @@ def _run_eval(args: argparse.Namespace) -> int:
             message = message.replace(name, _flag(name))
         raise CommandLineError(message) from error
     model, processor = _load_model_and_processor(model_source, args.device)
-    results = evaluate(model, processor, config, output_path=args.output, progress=not args.no_progress)
+    results = evaluate(
+        model,
+        processor,
+        config,
+        output_path=args.output,
+        progress=not args.no_progress,
+        cpu_fast_path=not args.no_cpu_fast_path,
+    )
     for result in results.results:
         trials = ", ".join(f"{score:.2f}" for score in result.trials)
         print(

@@ -1,4 +1,4 @@
-"""Float32 linear layers on CPU through oneDNN, for inference and training.
+"""An opt-in CPU fast path: float32 products on oneDNN, switched on for a block of code.
 
 PyTorch's x86 builds compute a float32 `F.linear` with MKL's sgemm. oneDNN, which PyTorch ships and uses for the CPU
 code `torch.compile` generates, computes the same products faster on the shapes Flamingo runs (measured on a 2-core
@@ -6,16 +6,21 @@ AMD EPYC, torch 2.14, 2 threads): 10-25 % on the vision tower's and the perceive
 products of decoding (one token per sample or beam). The results differ from sgemm's only in the order of the
 summation (about 1e-6 relative).
 
-Flamingo's own layers (perceiver, gated blocks) call [`linear`] directly. The vision tower and the language model are
-not Flamingo's: during Flamingo's calls into them, [`OneDNNLinearMode`] routes their `F.linear` products that
-autograd does not record (inference, frozen towers), leaving the modules untouched. For decoding with a few rows per
-step this cuts the language model's decoding time by about 40 % (bare SmolLM2-135M, 3 beams, 20 tokens: 2.3 -> 1.4 s).
+The models never use it on their own. [`cpu_fast_path`] switches it on for everything called inside its block:
 
-oneDNN's linear has no autograd formula of its own; where autograd records the product (training), an
-`autograd.Function` computes the forward and the input gradient with oneDNN and the weight gradient with
-`torch.matmul`. Everything else (other devices and dtypes, tensor subclasses such as quantized weights,
-`torch.compile` tracing) goes through `F.linear` unchanged.
-`with torch.backends.mkldnn.flags(enabled=False):` turns the oneDNN path off, e.g. to compare against sgemm.
+```python
+>>> from hf_flamingo import cpu_fast_path
+>>> with cpu_fast_path():
+...     generated = model.generate(**inputs, num_beams=3, max_new_tokens=20)
+```
+
+Inside the block, a `TorchFunctionMode` ([`OneDNNLinearMode`]) routes every `F.linear` that autograd does not record
+(inference, frozen towers during training) on float32 CPU tensors to oneDNN's linear; everything else (other devices
+and dtypes, tensor subclasses such as quantized weights, products autograd records, `torch.compile` tracing) runs as
+usual. The modules are not modified. It relies on a private oneDNN operator (`torch.ops.mkldnn._linear_pointwise`):
+on a build without it, the block changes nothing. hf_flamingo's own CPU entry points (the `hf-flamingo` command, the
+quick-start, `hf_flamingo.evaluation.evaluate`, the benchmark) switch it on; `with
+torch.backends.mkldnn.flags(enabled=False):` inside the block turns it off again.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def _autograd_records(*tensors: torch.Tensor | None) -> bool:
 
 
 def onednn_linear_applies(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether [`linear`] computes `F.linear(input, weight, bias)` with oneDNN."""
+    """Whether oneDNN can compute `F.linear(input, weight, bias)`: plain float32 CPU tensors, a weight of at least
+    `MIN_ONEDNN_WEIGHT_ELEMENTS`, oneDNN enabled and available, not while `torch.compile` traces."""
     tensors = (input, weight) if bias is None else (input, weight, bias)
     return (
         input.dim() >= 2
@@ -77,93 +83,9 @@ def _onednn_product(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return _onednn_linear()(input, weight, bias, "none", [], "")
 
 
-class _OneDNNLinearFunction(torch.autograd.Function):
-    """`F.linear` whose forward and input gradient are oneDNN products; the weight gradient is `torch.matmul` (oneDNN
-    was not faster there). The backward is built from differentiable operations, so double backward works."""
-
-    @staticmethod
-    def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _onednn_product(input, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        input, weight, bias = inputs
-        ctx.save_for_backward(input, weight)
-        ctx.has_bias = bias is not None
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        input, weight = ctx.saved_tensors
-        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_input = linear(grad_output, weight.t())
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.matmul(grad_rows.t(), input.reshape(-1, input.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_rows.sum(0)
-        return grad_input, grad_weight, grad_bias
-
-
-def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(input, weight, bias)`, through oneDNN for float32 CPU tensors.
-
-    Where autograd records the product, the forward and the input gradient use oneDNN and the weight gradient
-    `torch.matmul`.
-
-    Args:
-        input (`torch.Tensor` of shape `(*, in_features)`): The input.
-        weight (`torch.Tensor` of shape `(out_features, in_features)`): The weight.
-        bias (`torch.Tensor` of shape `(out_features,)`, *optional*): The bias.
-
-    Returns:
-        `torch.Tensor` of shape `(*, out_features)`.
-    """
-    if not onednn_linear_applies(input, weight, bias):
-        return F.linear(input, weight, bias)
-    if _autograd_records(input, weight, bias):
-        return _OneDNNLinearFunction.apply(input, weight, bias)
-    return _onednn_product(input, weight, bias)
-
-
-def _has_hooks(layer: nn.Module) -> bool:
-    module = nn.modules.module
-    return bool(
-        layer._forward_hooks
-        or layer._forward_pre_hooks
-        or layer._backward_hooks
-        or layer._backward_pre_hooks
-        or hasattr(layer, "_hf_hook")
-        or module._global_forward_hooks
-        or module._global_forward_pre_hooks
-        or module._global_backward_hooks
-        or module._global_backward_pre_hooks
-    )
-
-
-def module_linear(layer: nn.Module, input: torch.Tensor) -> torch.Tensor:
-    """`layer(input)`, computed by [`linear`] when `layer` is a plain `nn.Linear` that nothing else intercepts (whose
-    forward is exactly `F.linear`); otherwise the layer is called normally.
-
-    Layers with hooks (accelerate's offloading, DeepSpeed, user probes) and `nn.Linear` subclasses (quantized or adapter
-    layers) are always called normally.
-    """
-    if type(layer) is nn.Linear and not _has_hooks(layer):
-        return linear(input, layer.weight, layer.bias)
-    return layer(input)
-
-
 class OneDNNLinearMode(TorchFunctionMode):
-    """While active, the `F.linear` calls that autograd does not record (e.g. of a frozen vision tower's `nn.Linear`
-    layers) run through oneDNN.
-
-    Used around modules Flamingo does not own, so that they run with oneDNN without being modified. Example:
-
-    ```python
-    with OneDNNLinearMode():
-        outputs = vision_model(pixel_values=pixel_values)
-    ```
-    """
+    """While active, the `F.linear` calls that autograd does not record (inference, frozen layers) and oneDNN can
+    compute ([`onednn_linear_applies`]) run through oneDNN; every other call runs unchanged."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -172,9 +94,15 @@ class OneDNNLinearMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def onednn_linears_on(device: torch.device) -> contextlib.AbstractContextManager:
-    """[`OneDNNLinearMode`] for computations on the CPU (outside `torch.compile` tracing); a no-op context elsewhere."""
-    if device.type == "cpu" and not torch.compiler.is_compiling():
+def cpu_fast_path(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """The switch: a context manager inside which float32 CPU products that autograd does not record run on oneDNN
+    (see the module's documentation). A no-op context when `enabled` is false or while `torch.compile` traces.
+
+    Args:
+        enabled (`bool`, *optional*, defaults to `True`): Switch it on; `False` gives a no-op context (convenient
+            for a command-line flag).
+    """
+    if enabled and not torch.compiler.is_compiling():
         return OneDNNLinearMode()
     return contextlib.nullcontext()
 
@@ -184,9 +112,9 @@ def _linear_unless_recorded(
 ) -> torch.Tensor:
     """oneDNN only where autograd records nothing; `F.linear` otherwise.
 
-    [`OneDNNLinearMode`] is active only around the call it wraps, while gradient checkpointing may recompute the
-    wrapped layers later, outside of it. Products that autograd records must therefore be the same `F.linear` both
-    times (checkpointing checks that the recomputation saves the same tensors).
+    Gradient checkpointing may recompute layers during the backward pass, outside the block: products that autograd
+    records must be the same `F.linear` both times (checkpointing checks that the recomputation saves the same
+    tensors).
     """
     if _autograd_records(input, weight, bias) or not onednn_linear_applies(input, weight, bias):
         return F.linear(input, weight, bias)

@@ -46,6 +46,7 @@ from transformers import (
     set_seed,
 )
 
+from .cpu_kernels import cpu_fast_path
 from .data_collator import FlamingoDataCollator
 from .modeling_flamingo import FlamingoForConditionalGeneration
 from .processing_flamingo import FlamingoProcessor
@@ -620,7 +621,8 @@ def run(args: argparse.Namespace) -> DemoSummary:
     if torch.cuda.is_available():
         model.to("cuda")
     print(f"Saved to {output_dir} and reloaded with AutoModelForImageTextToText / AutoProcessor.", flush=True)
-    results = evaluate(model, processor, make_few_shot_prompts(args.num_eval, num_shots=2, seed=args.seed))
+    with cpu_fast_path():
+        results = evaluate(model, processor, make_few_shot_prompts(args.num_eval, num_shots=2, seed=args.seed))
 
     summary = DemoSummary(
         output_dir=output_dir,

@@ -10,7 +10,6 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_flamingo import FlamingoConfig
-from .cpu_kernels import module_linear
 from .perceiver import FlamingoFeedForward, merge_heads, split_heads
 
 
@@ -40,7 +39,7 @@ class FlamingoMaskedCrossAttention(nn.Module):
         Returns:
             `torch.Tensor` of shape `(batch, seq_len, dim)`.
         """
-        query = split_heads(module_linear(self.to_q, self.norm(hidden_states)), self.heads)
+        query = split_heads(self.to_q(self.norm(hidden_states)), self.heads)
         key, value = key_values.chunk(2, dim=-1)
         attended = F.scaled_dot_product_attention(
             query,
@@ -48,7 +47,7 @@ class FlamingoMaskedCrossAttention(nn.Module):
             split_heads(value, self.heads),
             attn_mask=None if attention_bias is None else attention_bias.to(query.dtype),
         )
-        return module_linear(self.to_out, merge_heads(attended))
+        return self.to_out(merge_heads(attended))
 
 
 class FlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
@@ -77,7 +76,7 @@ class FlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
         Returns:
             `torch.Tensor` of shape `(batch, num_keys, 2 * xattn_heads * xattn_dim_head)`: keys, then values.
         """
-        return module_linear(self.attn.to_kv, media.to(self.attn.to_kv.weight.dtype))
+        return self.attn.to_kv(media.to(self.attn.to_kv.weight.dtype))
 
     def forward(
         self,

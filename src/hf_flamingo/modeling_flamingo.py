@@ -19,7 +19,6 @@ from transformers.utils import logging
 
 from .cache_compat import CACHE_NAME, LEGACY_CACHE_NAME, cache_argument_name, cache_from_output, merge_cache_arguments
 from .configuration_flamingo import FlamingoConfig
-from .cpu_kernels import onednn_linears_on
 from .gated_cross_attention import FlamingoGatedCrossAttentionBlock
 from .generation_flamingo import FlamingoGenerationMixin
 from .image_conditioning import (
@@ -288,13 +287,10 @@ class FlamingoModel(FlamingoPreTrainedModel):
         vision_param = next(self.vision_model.parameters())
         flat = pixel_values.reshape(batch * num_images * num_frames, *pixel_values.shape[3:])
         flat = flat.to(device=vision_param.device, dtype=vision_param.dtype)
-        if flat.device.type == "cpu":
-            # Through oneDNN where no gradient is needed (see `cpu_kernels`), without modifying the tower. Outside
-            # training, in chunks of images: the tower returns the hidden states of all its layers, and smaller
-            # activations stay in cache (training keeps one batch, for towers with batch statistics).
-            chunk_size = max(flat.shape[0], 1) if self.vision_model.training else _CPU_IMAGES_PER_CHUNK
-            with onednn_linears_on(flat.device):
-                features = torch.cat([self._vision_features(chunk) for chunk in flat.split(chunk_size)])
+        if flat.device.type == "cpu" and not self.vision_model.training:
+            # In chunks of images: the tower returns the hidden states of all its layers, and smaller activations
+            # stay in cache (training keeps one batch, for towers with batch statistics).
+            features = torch.cat([self._vision_features(chunk) for chunk in flat.split(_CPU_IMAGES_PER_CHUNK)])
         else:
             features = self._vision_features(flat)
         perceiver_param = self.perceiver.latents
@@ -405,10 +401,9 @@ class FlamingoModel(FlamingoPreTrainedModel):
         """Calls `module` (the language model or its decoder) with the blocks conditioned for this thread's call.
 
         The language model is not modified: the hooks apply `conditioning` to the calls this thread makes inside the
-        block. On CPU, its float32 products that autograd does not record run through oneDNN for the duration of the
-        call (see `cpu_kernels`); recorded ones (training) keep its kernels.
+        block.
         """
-        with self._lm_hooks.conditioning(conditioning), onednn_linears_on(inputs["input_ids"].device):
+        with self._lm_hooks.conditioning(conditioning):
             return module(**inputs)
 
     def forward(

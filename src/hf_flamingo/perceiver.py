@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_flamingo import FlamingoConfig
-from .cpu_kernels import module_linear
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -32,10 +31,6 @@ class FlamingoFeedForward(nn.Sequential):
         super().__init__(
             nn.LayerNorm(dim), nn.Linear(dim, inner_dim, bias=False), nn.GELU(), nn.Linear(inner_dim, dim, bias=False)
         )
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        norm, up, activation, down = self
-        return module_linear(down, activation(module_linear(up, norm(hidden_states))))
 
 
 class FlamingoPerceiverAttention(nn.Module):
@@ -62,10 +57,10 @@ class FlamingoPerceiverAttention(nn.Module):
         """
         features = self.norm_media(features)
         latents = self.norm_latents(latents)
-        query = split_heads(module_linear(self.to_q, latents), self.heads)
-        key, value = module_linear(self.to_kv, torch.cat((features, latents), dim=1)).chunk(2, dim=-1)
+        query = split_heads(self.to_q(latents), self.heads)
+        key, value = self.to_kv(torch.cat((features, latents), dim=1)).chunk(2, dim=-1)
         attended = F.scaled_dot_product_attention(query, split_heads(key, self.heads), split_heads(value, self.heads))
-        return module_linear(self.to_out, merge_heads(attended))
+        return self.to_out(merge_heads(attended))
 
 
 class FlamingoPerceiverLayer(nn.ModuleList):

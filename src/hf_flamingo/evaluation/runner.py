@@ -39,6 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..cache_compat import cache_from_output
+from ..cpu_kernels import cpu_fast_path as fast_path_switch
 from . import prompts
 from .datasets import (
     HATEFUL_MEMES_CLASS_NAMES,
@@ -594,6 +595,7 @@ def evaluate(
     output_path: str | Path | None = None,
     progress: bool = True,
     rices_encoder: ImageEncoder | None = None,
+    cpu_fast_path: bool = True,
 ) -> EvaluationResults:
     """Runs one task at every number of shots and seed of `config`.
 
@@ -605,6 +607,8 @@ def evaluate(
         progress (`bool`, defaults to True): Show tqdm progress bars.
         rices_encoder (`ImageEncoder`, *optional*): Image features for RICES, instead of the model's vision tower or
             `config.rices_vision_model`.
+        cpu_fast_path (`bool`, defaults to True): Run the trials inside [`hf_flamingo.cpu_fast_path`] (float32 CPU
+            inference products on oneDNN; no effect on other devices or dtypes).
 
     Returns:
         [`EvaluationResults`].
@@ -639,31 +643,32 @@ def evaluate(
             pool, rices_encoder, cache_path=cache_path, batch_size=config.batch_size, encoder_name=encoder_name
         )
 
-    results = []
-    for num_shots in config.shots:
-        trials, kept = [], {}
-        for seed in config.seeds:
-            score, predictions = _run_trial(
-                model,
-                processor,
-                config,
-                pool,
-                test,
-                class_names,
-                num_shots,
-                seed,
-                rices,
-                references,
-                stemmer,
-                progress,
-            )
-            trials.append(score)
-            if config.save_predictions:
-                kept[seed] = predictions
-        finite = [score for score in trials if not math.isnan(score)]
-        mean = statistics.fmean(finite) if finite else float("nan")
-        stddev = statistics.pstdev(finite) if finite else float("nan")
-        results.append(ShotResult(num_shots, trials, mean, stddev, kept))
+    with fast_path_switch(enabled=cpu_fast_path):
+        results = []
+        for num_shots in config.shots:
+            trials, kept = [], {}
+            for seed in config.seeds:
+                score, predictions = _run_trial(
+                    model,
+                    processor,
+                    config,
+                    pool,
+                    test,
+                    class_names,
+                    num_shots,
+                    seed,
+                    rices,
+                    references,
+                    stemmer,
+                    progress,
+                )
+                trials.append(score)
+                if config.save_predictions:
+                    kept[seed] = predictions
+            finite = [score for score in trials if not math.isnan(score)]
+            mean = statistics.fmean(finite) if finite else float("nan")
+            stddev = statistics.pstdev(finite) if finite else float("nan")
+            results.append(ShotResult(num_shots, trials, mean, stddev, kept))
 
     generation = asdict(config.generation_settings()) if config.task not in CLASSIFICATION_TASKS else {}
     if generation:
