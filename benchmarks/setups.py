@@ -18,9 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TESTS_DIR = REPO_ROOT / "tests"
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
+for directory in (REPO_ROOT / "tests", REPO_ROOT / "examples"):
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))
 
 from helpers import build_tiny_tokenizer  # noqa: E402
 from open_flamingo.src.factory import _infer_decoder_layers_attr_name  # noqa: E402
@@ -30,10 +30,10 @@ from openflamingo_oracle import (  # noqa: E402
     build_openflamingo,
     openflamingo_state_dict,
 )
+from quickstart import load_smollm2  # noqa: E402
 
 from hf_flamingo.conversion.open_clip import open_clip_vision_to_hf  # noqa: E402
 from hf_flamingo.conversion.openflamingo_to_hf import convert_openflamingo_checkpoint  # noqa: E402
-from hf_flamingo.demo import load_smollm2  # noqa: E402
 
 CONFIGS = ("openflamingo-3b-like", "tiny")
 

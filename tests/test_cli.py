@@ -40,7 +40,6 @@ def files(tmp_path_factory):
     (root / "examples.jsonl").write_text(json.dumps({"image": "image_0.png", "text": "A red fox."}) + "\n")
     (root / "bad.jsonl").write_text(json.dumps({"image": "image_0.png", "text": "ok"}) + "\n{oops\n")
     (root / "not_an_image.png").write_text("plain text")
-    (root / "a_file").write_text("I am a regular file")
     return {"root": root, "vqav2": write_benchmark("vqav2", root), "model": model, "processor": processor}
 
 
@@ -118,8 +117,6 @@ def _commands(files) -> dict[str, list[str]]:
             "--test-annotations",
             vqa["test_annotations"],
         ],
-        "demo_help": script + ["demo", "--help"],
-        "demo_output_is_a_file": script + ["demo", "--output-dir", str(root / "a_file")],
     }
 
 
@@ -154,8 +151,9 @@ def test_top_level_help_lists_the_subcommands(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     output = capsys.readouterr().out
-    for command in ("convert", "generate", "eval", "demo"):
+    for command in ("convert", "generate", "eval"):
         assert command in output
+    assert "demo" not in output  # the quick-start is example code: examples/quickstart.py
 
 
 def test_convert(runs, files):
@@ -195,17 +193,6 @@ def test_eval_writes_results(runs, files):
 
 def test_eval_missing_file(runs):
     _assert_clean_failure(runs["eval_missing_file"], "--train-questions: not found:", "nope.json")
-
-
-def test_demo(runs, files):
-    result = runs["demo_help"]
-    assert result.returncode == 0, result.stderr
-    assert "usage: hf-flamingo demo" in result.stdout and "--output-dir" in result.stdout
-    _assert_clean_failure(runs["demo_output_is_a_file"], str(files["root"] / "a_file"))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# More bad inputs, in-process through `main`
 
 
 def _main(argv, capsys):

@@ -17,6 +17,7 @@ from .configuration_flamingo import FlamingoConfig
 from .configuration_mosaic_gpt import MosaicGPTConfig
 from .cpu_kernels import cpu_fast_path
 from .data_collator import FlamingoDataCollator, build_flamingo_labels
+from .gates import closed_gates
 from .image_processing_flamingo import FlamingoImageProcessor
 from .modeling_flamingo import (
     FlamingoCausalLMOutputWithPast,
@@ -68,6 +69,7 @@ __all__ = [
     "MosaicGPTForCausalLM",
     "MosaicGPTModel",
     "build_flamingo_labels",
+    "closed_gates",
     "cpu_fast_path",
     "flamingo_lora_config",
 ]

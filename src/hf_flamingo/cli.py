@@ -1,9 +1,8 @@
-"""The `hf-flamingo` command line: `convert`, `generate`, `eval` and `demo`.
+"""The `hf-flamingo` command line: `convert`, `generate` and `eval`.
 
     hf-flamingo convert --release OpenFlamingo-3B-vitl-mpt1b --output-dir of-3b
     hf-flamingo generate of-3b --image dog.jpg --caption "A dog." --query-image cat.jpg
     hf-flamingo eval of-3b --task coco --karpathy-json dataset_coco.json --image-dir coco --shots 0 4 --output coco.json
-    hf-flamingo demo --help
 
 Errors in the input (missing files, unreadable images, bad JSONL, a task's missing paths) are reported on stderr as
 `hf-flamingo <command>: error: ...` with exit code 1 (2 for command-line usage errors), without a traceback. Inputs
@@ -130,16 +129,15 @@ _COMMANDS = {
     "convert": "Convert an OpenFlamingo v2 checkpoint.pt into a Transformers directory.",
     "generate": "Caption an image from few-shot examples (OpenFlamingo's captioning prompt).",
     "eval": "Run one of OpenFlamingo's few-shot benchmarks on local dataset files.",
-    "demo": "The training quick-start (a small Flamingo bridge learns to caption synthetic shapes).",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser. `convert` and `demo` take their options from their own modules' parsers."""
+    """The top-level parser. `convert` takes its options from the converter's own parser."""
     parser = argparse.ArgumentParser(prog=PROG, description="Flamingo models, native to Hugging Face transformers.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in _COMMANDS.items():
-        if name in ("convert", "demo"):
+        if name == "convert":
             commands.add_parser(name, help=help_text, add_help=False)
     _add_generate_arguments(
         commands.add_parser("generate", help=_COMMANDS["generate"], description=_COMMANDS["generate"])
@@ -282,7 +280,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_delegated(name: str, argv: list[str], load: Callable[[], object]) -> int:
-    """`convert` / `demo`: the module's own parser and `main(argv) -> int`, under this program's name."""
+    """`convert`: the module's own parser and `main(argv) -> int`, under this program's name."""
     module = load()
     if any(arg in ("-h", "--help") for arg in argv):
         parser = module.build_parser()
@@ -296,16 +294,6 @@ def _load_converter():
     from .conversion import openflamingo_to_hf
 
     return openflamingo_to_hf
-
-
-def _load_demo():
-    try:
-        from . import demo
-    except ModuleNotFoundError as error:
-        if error.name != f"{__package__}.demo":
-            raise
-        raise CommandLineError("the quick-start demo (hf_flamingo.demo) is not part of this installation") from error
-    return demo
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -326,9 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     try:
-        if command in ("convert", "demo"):
-            loader = _load_converter if command == "convert" else _load_demo
-            return _run_delegated(command, argv[1:], loader)
+        if command == "convert":
+            return _run_delegated(command, argv[1:], _load_converter)
         args = build_parser().parse_args(argv)
         return _run_generate(args) if args.command == "generate" else _run_eval(args)
     except _user_error_types() as error:

@@ -1,13 +1,18 @@
-"""The training quick-start (`hf_flamingo.demo`): a short end-to-end run on the real SmolLM2-135M, and its parts."""
+"""The training quick-start (`examples/quickstart.py`): a short end-to-end run on the real SmolLM2-135M, and its
+parts; and `hf_flamingo.closed_gates`, which it uses."""
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer
 
-from hf_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
-from hf_flamingo.demo import (
+from hf_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor, closed_gates
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from quickstart import (  # noqa: E402
     COLOURS,
     SHAPES,
     SUMMARY_FILE,
@@ -16,7 +21,6 @@ from hf_flamingo.demo import (
     build_optimizer,
     build_parser,
     caption_for,
-    closed_gates,
     decode_caption,
     draw_shape,
     generate_captions,
