@@ -179,7 +179,7 @@ class FlamingoModel(FlamingoPreTrainedModel):
         return backbones.from_backbones(cls, vision_model, language_model, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> FlamingoForConditionalGeneration:
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> FlamingoModel:
         """Loads a saved Flamingo, as [`~PreTrainedModel.from_pretrained`].
 
         With a `quantization_config` (e.g. `BitsAndBytesConfig(load_in_4bit=True)`), or a checkpoint saved
