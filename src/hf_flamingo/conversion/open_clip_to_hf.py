@@ -113,41 +113,6 @@ def _load_state_dict(path: str) -> dict[str, Any]:
     return loaded
 
 
-def _load_model_config(name_or_path: str) -> dict[str, Any]:
-    """Reads a JSON model config, or asks open_clip for a registered one."""
-    if os.path.isfile(name_or_path):
-        with open(name_or_path, encoding="utf-8") as f:
-            return json.load(f)
-    if name_or_path.endswith(".json") or os.sep in name_or_path:
-        raise FileNotFoundError(f"--model-config {name_or_path!r}: no such file.")
-    try:
-        import open_clip
-    except ImportError as err:
-        raise FileNotFoundError(
-            f"--model-config {name_or_path!r} is not a file, and open_clip is not installed to look it up by name."
-        ) from err
-    config = open_clip.get_model_config(name_or_path)
-    if config is None:
-        raise FileNotFoundError(f"--model-config {name_or_path!r} is neither a file nor an open_clip model name.")
-    return config
-
-
-def _load_state_dict(path: str) -> dict[str, Any]:
-    """Loads a .safetensors file or a torch.save'd state dict (unwrapping a training checkpoint's 'state_dict')."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    import torch
-
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(loaded).__name__}).")
-    return loaded
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the conversion; returns the process exit code (0 on success)."""
     parser = build_parser()
