@@ -37,7 +37,7 @@ for path in (REPO_ROOT / "tests", REPO_ROOT / "benchmarks"):
 from helpers import build_tiny_tokenizer  # noqa: E402
 
 from hf_flamingo import FlamingoConfig, FlamingoForConditionalGeneration, FlamingoProcessor  # noqa: E402
-from hf_flamingo.conversion.releases import get_release  # noqa: E402
+from hf_flamingo.conversion.releases import clip_vit_l_14_vision_config, get_release  # noqa: E402
 
 PRECISIONS = ("bf16", "8bit", "4bit")
 
@@ -189,16 +189,7 @@ def _scale_shapes() -> dict[str, ScaleShape]:
             description="OpenFlamingo-9B-vitl-mpt7b-shaped: MPT-7B (d_model 4096, 32 layers, ALiBi), ViT-L/14 at 224 px",
             text_config=get_release("OpenFlamingo-9B-vitl-mpt7b").text_config(),
             open_clip_name="ViT-L-14",
-            vision_config=CLIPVisionConfig(
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=24,
-                num_attention_heads=16,
-                image_size=224,
-                patch_size=14,
-                projection_dim=768,
-                hidden_act="quick_gelu",
-            ),
+            vision_config=clip_vit_l_14_vision_config(),
             tokenizer_size=50277,  # GPT-NeoX-20B's tokenizer, which MPT-7B uses: 50280 rows with the Flamingo tokens
         ),
         "tiny": ScaleShape(
