@@ -22,6 +22,7 @@ from timing import RSSSampler, release_free_memory, rss_bytes
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 from workloads import (
     Inputs,
+    bare_generate,
     generation_kwargs,
     oracle_generate,
     ours_generate,
@@ -135,24 +136,12 @@ def on_device(inputs: Inputs, device: torch.device, dtype: torch.dtype) -> Input
     )
 
 
-def _bare_generate(setup: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Callable:
-    kwargs = dict(kwargs)
-    kwargs.pop("eos_token_id", None)
-    kwargs["pad_token_id"] = setup.tokenizer.pad_token_id
-
-    def run() -> torch.Tensor:
-        with torch.inference_mode():
-            return setup.bare_lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-    return run
-
-
 def _generation_candidates(setup: Any, inputs: Inputs, **kwargs: Any) -> dict[str, Callable[[], Any]]:
     text_ids = text_only_ids(setup, inputs.input_ids)
     return {
         "hf_flamingo": ours_generate(setup, inputs, **kwargs),
         "OpenFlamingo": oracle_generate(setup, inputs, **kwargs),
-        "bare LM": _bare_generate(setup, text_ids, inputs.attention_mask, **kwargs),
+        "bare LM": bare_generate(setup, text_ids, inputs.attention_mask, **kwargs),
     }
 
 
@@ -257,7 +246,7 @@ def _decode_latency(setup: Any, inputs: Inputs, meter: DeviceMeter, repeats: int
     runs = {
         "hf_flamingo": lambda clock: ours_generate(setup, inputs, logits_processor=clock, **kwargs),
         "OpenFlamingo": lambda clock: oracle_generate(setup, inputs, logits_processor=clock, **kwargs),
-        "bare LM": lambda clock: _bare_generate(
+        "bare LM": lambda clock: bare_generate(
             setup, text_ids, inputs.attention_mask, logits_processor=clock, **kwargs
         ),
     }
@@ -293,7 +282,7 @@ def _compiled_decode_latency(
     prompt_length = int(inputs.input_ids.shape[1])
     makers = {
         "hf_flamingo": lambda clock, kwargs: ours_generate(setup, inputs, logits_processor=clock, **kwargs),
-        "bare LM": lambda clock, kwargs: _bare_generate(
+        "bare LM": lambda clock, kwargs: bare_generate(
             setup, text_ids, inputs.attention_mask, logits_processor=clock, **kwargs
         ),
     }

@@ -249,10 +249,11 @@ class FlamingoModel(FlamingoPreTrainedModel):
         self._bind_language_model()
 
     def _bind_language_model(self) -> None:
-        """Hooks the blocks onto `self.language_model` and notes how its `forward` takes the cache and
-        `logits_to_keep`."""
+        """Hooks the blocks onto `self.language_model` and notes how its `forward` (and its decoder's) take the cache,
+        and whether it takes `logits_to_keep`."""
         self._lm_hooks.attach(self.language_model, self.config.num_text_layers, self.config.decoder_layers_attr)
         self._lm_cache_argument = cache_argument_name(self.language_model)
+        self._decoder_cache_argument = cache_argument_name(self.language_model.get_decoder())
         self._language_model_takes_logits_to_keep = _accepts_argument(self.language_model, "logits_to_keep")
 
     @property
@@ -435,7 +436,7 @@ class FlamingoModel(FlamingoPreTrainedModel):
             input_ids, pixel_values, image_hidden_states, cross_attention_states, token_image_index, cache
         )
         decoder = self.language_model.get_decoder()
-        kwargs[cache_argument_name(decoder)] = cache
+        kwargs[self._decoder_cache_argument] = cache
         outputs = self._run_language_model(
             decoder,
             conditioning,
