@@ -19,7 +19,7 @@ from helpers import make_test_image
 
 from hf_flamingo import cli
 from hf_flamingo.evaluation import load_image, prompts
-from hf_flamingo.evaluation.runner import generate_batch
+from hf_flamingo.evaluation.inference import generate_batch
 
 SCRIPT = Path(sys.executable).with_name("hf-flamingo")
 

@@ -11,6 +11,7 @@ from evaluation_fixtures import build_tiny_flamingo, requires_java, single_torch
 from helpers import make_test_image
 
 import hf_flamingo.evaluation.runner as runner
+import hf_flamingo.evaluation.tasks as tasks
 from hf_flamingo.evaluation import (
     DatasetFormatError,
     EvaluationConfig,
@@ -75,8 +76,8 @@ GENERATION_TASKS = {"coco": 20, "flickr30k": 20, "vqav2": 5, "ok_vqa": 5, "vizwi
 def test_task_end_to_end(task, model_and_processor, benchmark_paths, tmp_path, monkeypatch):
     model, processor = model_and_processor
     classification = task in ("imagenet", "hateful_memes")
-    recorder = Recorder(runner.class_log_likelihoods if classification else runner.generate_batch)
-    monkeypatch.setattr(runner, "class_log_likelihoods" if classification else "generate_batch", recorder)
+    recorder = Recorder(tasks.class_log_likelihoods if classification else tasks.generate_batch)
+    monkeypatch.setattr(tasks, "class_log_likelihoods" if classification else "generate_batch", recorder)
     config = EvaluationConfig(
         task=task,
         shots=(0, 2),
@@ -165,7 +166,7 @@ def _fake_vqa_generation(model, processor, texts, images, settings, precision="f
 
 def test_correct_answers_score_100_after_postprocessing(benchmark_paths, model_and_processor, monkeypatch):
     model, processor = model_and_processor
-    monkeypatch.setattr(runner, "generate_batch", _fake_vqa_generation)
+    monkeypatch.setattr(tasks, "generate_batch", _fake_vqa_generation)
     config = EvaluationConfig(task="vqav2", shots=(4,), seeds=(0,), batch_size=3, **benchmark_paths["vqav2"])
     result = evaluate(model, processor, config, progress=False).results[0]
     assert result.mean == 100.0
@@ -174,13 +175,13 @@ def test_correct_answers_score_100_after_postprocessing(benchmark_paths, model_a
 
 def test_ok_vqa_predictions_are_stemmed(benchmark_paths, model_and_processor, monkeypatch):
     model, processor = model_and_processor
-    monkeypatch.setattr(runner, "generate_batch", _fake_vqa_generation)
+    monkeypatch.setattr(tasks, "generate_batch", _fake_vqa_generation)
 
     class FakeStemmer:
         def __call__(self, text):
             return text.lower() + "s"
 
-    monkeypatch.setattr(runner.prompts, "OKVQAStemmer", FakeStemmer)
+    monkeypatch.setattr(tasks.prompts, "OKVQAStemmer", FakeStemmer)
     config = EvaluationConfig(task="ok_vqa", shots=(2,), seeds=(0,), **benchmark_paths["ok_vqa"])
     result = evaluate(model, processor, config, progress=False).results[0]
     assert {p["prediction"] for p in result.predictions[0]} == {"the seas", "the snows", "the cars"}
@@ -191,8 +192,8 @@ def test_reproducible_for_a_fixed_seed(benchmark_paths, model_and_processor, mon
     model, processor = model_and_processor
 
     def run(seed):
-        recorder = Recorder(runner.generate_batch)
-        monkeypatch.setattr(runner, "generate_batch", recorder)
+        recorder = Recorder(tasks.generate_batch)
+        monkeypatch.setattr(tasks, "generate_batch", recorder)
         config = EvaluationConfig(
             task="vizwiz", shots=(2,), seeds=(seed,), num_samples=2, max_new_tokens=2, **benchmark_paths["vizwiz"]
         )
@@ -329,8 +330,8 @@ def test_classification_prompt_ensembling_averages_demonstration_orders(
     benchmark_paths, model_and_processor, monkeypatch
 ):
     model, processor = model_and_processor
-    recorder = Recorder(runner.class_log_likelihoods)
-    monkeypatch.setattr(runner, "class_log_likelihoods", recorder)
+    recorder = Recorder(tasks.class_log_likelihoods)
+    monkeypatch.setattr(tasks, "class_log_likelihoods", recorder)
     config = EvaluationConfig(
         task="hateful_memes",
         shots=(3,),
@@ -351,3 +352,42 @@ def test_classification_prompt_ensembling_averages_demonstration_orders(
     labels = [p["label"] for p in result.predictions[0]]
     assert [p["yes_score"] for p in result.predictions[0]] == pytest.approx(yes_probability, abs=1e-6)
     assert result.mean == pytest.approx(100 * roc_auc_score(labels, yes_probability))
+
+
+def test_class_log_likelihoods_cache_matches_full_forward_with_a_sliding_window_cache():
+    """A sliding-window cache cannot be cropped back to the prompt: each class name continues from a copy."""
+    from model_testers import open_gates, vision_config_for
+    from transformers import CLIPVisionModel, MistralConfig, MistralForCausalLM
+
+    from hf_flamingo import FlamingoForConditionalGeneration
+
+    _, processor = build_tiny_flamingo()
+    torch.manual_seed(0)
+    text_config = MistralConfig(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=6,  # shorter than the prompts
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = FlamingoForConditionalGeneration.from_backbones(
+        CLIPVisionModel(vision_config_for("clip")),
+        MistralForCausalLM(text_config),
+        tokenizer=processor.tokenizer,
+        cross_attn_every_n_layers=1,
+        perceiver_depth=1,
+        perceiver_num_latents=4,
+    ).eval()
+    open_gates(model)
+    texts = ["<image>Output:tench<image>Output:", "<image>Output:"]
+    images = [[make_test_image(1), make_test_image(2)], [make_test_image(3)]]
+    names = ["tench", "great white shark"]
+    cached = class_log_likelihoods(model, processor, texts, images, names, use_cache=True)
+    full = class_log_likelihoods(model, processor, texts, images, names, use_cache=False)
+    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+    again = class_log_likelihoods(model, processor, texts, images, names[::-1], use_cache=True)
+    torch.testing.assert_close(again, cached.flip(-1), rtol=0, atol=1e-5)

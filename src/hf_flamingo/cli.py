@@ -219,7 +219,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(prompt, file=sys.stderr)
     model, processor = _load_model_and_processor(model_source, args.device)
     from .cpu_kernels import cpu_fast_path
-    from .evaluation.runner import generate_batch
+    from .evaluation.inference import generate_batch
 
     settings = prompts.GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     with cpu_fast_path(enabled=not args.no_cpu_fast_path):

@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from .image_tokens import check_image_token_counts, image_tokens_per_sample, stack_images_per_sample
 from .processing_flamingo import FlamingoProcessor
 
 IGNORE_INDEX = -100
@@ -213,26 +214,25 @@ class FlamingoDataCollator:
                     f"Feature {index} has `input_ids` of shape {tuple(ids.shape)}; tokenized features hold one sample "
                     "each, a 1-D sequence (e.g. `processor(images=[images], text=[text])['input_ids'][0]`)."
                 )
-            num_tokens = int((ids == media_token_id).sum())
+            sequences.append(ids)
             sample_pixels = feature.get("pixel_values")
-            sample_pixels = None if sample_pixels is None else torch.as_tensor(sample_pixels)
-            num_images = 0 if sample_pixels is None else sample_pixels.shape[0]
-            if num_tokens != num_images:
-                raise ValueError(
-                    f"Sample {index} has {num_tokens} `{self.processor.media_token}` tokens but {num_images} image(s) "
-                    "in `pixel_values` (of shape `(num_images, ...)` per sample)."
-                )
-            if self.max_length is not None and ids.shape[0] > self.max_length:
-                ids = ids[: self.max_length]
-                num_images = int((ids == media_token_id).sum())
-            sequences.append(ids.tolist())
-            if sample_pixels is not None and num_images > 0:
-                pixel_values.append(sample_pixels[:num_images])
-            else:
-                pixel_values.append(None)
+            pixel_values.append(None if sample_pixels is None else torch.as_tensor(sample_pixels))
+        check_image_token_counts(
+            image_tokens_per_sample(sequences, media_token_id),
+            [0 if pixels is None else pixels.shape[0] for pixels in pixel_values],
+            self.processor.media_token,
+            where="in `input_ids`",
+            hint=" (`pixel_values` holds `(num_images, ...)` per sample)",
+        )
+        if self.max_length is not None:
+            sequences = [ids[: self.max_length] for ids in sequences]
+            kept = image_tokens_per_sample(sequences, media_token_id)
+            pixel_values = [
+                None if pixels is None else pixels[:count] for pixels, count in zip(pixel_values, kept, strict=True)
+            ]
 
         padded = self.processor.tokenizer.pad(
-            {"input_ids": sequences},
+            {"input_ids": [ids.tolist() for ids in sequences]},
             padding="longest",
             pad_to_multiple_of=self.pad_to_multiple_of,
             padding_side="right",
@@ -247,15 +247,8 @@ class FlamingoDataCollator:
             mask_before_first_image=self.mask_before_first_image,
             mask_between_chunks=self.mask_between_chunks,
         )
-        present = [pixels for pixels in pixel_values if pixels is not None]
-        if present:
-            shape = present[0].shape[1:]
-            if any(pixels.shape[1:] != shape for pixels in present):
-                raise ValueError("All images of a batch must have the same shape after preprocessing.")
-            stacked = present[0].new_zeros((len(features), max(p.shape[0] for p in present), *shape))
-            for row, pixels in enumerate(pixel_values):
-                if pixels is not None:
-                    stacked[row, : pixels.shape[0]] = pixels
+        stacked = stack_images_per_sample(pixel_values)
+        if stacked is not None:
             batch["pixel_values"] = stacked
         return batch
 
@@ -265,20 +258,17 @@ class FlamingoDataCollator:
         media_token_id = self.processor.media_token_id
         full = tokenizer(texts, padding=False, truncation=False)["input_ids"]
         truncated = tokenizer(texts, padding=False, truncation=True, max_length=self.max_length)["input_ids"]
+        check_image_token_counts(
+            image_tokens_per_sample(full, media_token_id),
+            [len(sample_images) for sample_images in images],
+            self.processor.media_token,
+        )
         kept_images = []
-        for index, (full_ids, kept_ids, sample_images) in enumerate(zip(full, truncated, images, strict=True)):
-            num_tokens = sum(1 for token_id in full_ids if token_id == media_token_id)
-            if num_tokens != len(sample_images):
-                raise ValueError(
-                    f"Sample {index} has {num_tokens} `{self.processor.media_token}` tokens in its text but "
-                    f"{len(sample_images)} image(s); each image needs exactly one `{self.processor.media_token}` "
-                    "token where it appears in the text."
-                )
-            num_kept = sum(1 for token_id in kept_ids if token_id == media_token_id)
+        for kept, sample_images in zip(image_tokens_per_sample(truncated, media_token_id), images, strict=True):
             if tokenizer.truncation_side == "left":
-                kept_images.append(sample_images[len(sample_images) - num_kept :])
+                kept_images.append(sample_images[len(sample_images) - kept :])
             else:
-                kept_images.append(sample_images[:num_kept])
+                kept_images.append(sample_images[:kept])
         return kept_images
 
 

@@ -21,6 +21,7 @@ import torch
 from transformers import GenerationMixin
 
 from .image_conditioning import resolve_token_image_index
+from .image_tokens import count_image_tokens
 
 if TYPE_CHECKING:
     from .modeling_flamingo import FlamingoForConditionalGeneration
@@ -134,7 +135,7 @@ class FlamingoGenerationImages:
                 self._prompt_states = (1, model.get_cross_attention_states(self._image_hidden_states))
             self._prompt_states = _repeated(self._prompt_states, copies)
             prompt_states = self._prompt_states[1]
-        images_so_far = (input_ids == model.config.media_token_id).cumsum(dim=-1)
+        images_so_far = count_image_tokens(input_ids, model.config.media_token_id)
         token_image_index = torch.minimum(images_so_far, last_image_index.unsqueeze(1))[:, first_new:]
         return {"cross_attention_states": prompt_states, "token_image_index": token_image_index.contiguous()}
 

@@ -12,13 +12,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from .image_tokens import count_image_tokens
 from .language_model_hooks import CrossAttentionConditioning
-
-
-def count_image_tokens(input_ids: torch.LongTensor, media_token_id: int) -> torch.LongTensor:
-    """For every token, how many `<image>` tokens its row holds up to and including it: OpenFlamingo's image index
-    of tokens that start their sequence. Shape `(batch, seq_len)`."""
-    return (input_ids == media_token_id).cumsum(dim=-1)
 
 
 def resolve_token_image_index(

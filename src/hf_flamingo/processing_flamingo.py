@@ -1,7 +1,7 @@
 """Processor class for Flamingo (OpenFlamingo-compatible).
 
-This module is self-contained on purpose: it only imports torch, transformers, PIL/numpy and the standard library,
-so that it can be shipped as remote code next to a checkpoint.
+Besides torch, transformers, PIL/numpy and the standard library it imports only `image_tokens.py` (the `<image>`
+contract it shares with the collator and the model), so that both ship as remote code next to a checkpoint.
 """
 
 import inspect
@@ -13,6 +13,8 @@ from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+
+from .image_tokens import check_image_token_counts, image_tokens_per_sample, stack_images_per_sample
 
 _PADDING_DEFAULTS = {"padding": "longest"}
 
@@ -307,18 +309,13 @@ class FlamingoProcessor(ProcessorMixin):
                 f"The tokenizer returned {len(input_ids)} sequences for {len(images_per_sample)} texts; options that "
                 "change the number of sequences (such as `return_overflowing_tokens`) are not supported."
             )
-        media_token_id = self.media_token_id
-        for index, (ids, sample_images) in enumerate(zip(input_ids, images_per_sample, strict=True)):
-            num_tokens = sum(1 for token_id in ids if token_id == media_token_id)
-            if num_tokens != len(sample_images):
-                message = (
-                    f"Sample {index} has {num_tokens} `{self.media_token}` tokens in its text but "
-                    f"{len(sample_images)} image(s) were given; each image needs exactly one `{self.media_token}` "
-                    "token where it appears in the text."
-                )
-                if truncation not in (None, False, "do_not_truncate"):
-                    message += f" Truncation may have removed `{self.media_token}` tokens."
-                raise ValueError(message)
+        truncated = truncation not in (None, False, "do_not_truncate")
+        check_image_token_counts(
+            image_tokens_per_sample(input_ids, self.media_token_id),
+            [len(sample_images) for sample_images in images_per_sample],
+            self.media_token,
+            hint=f" Truncation may have removed `{self.media_token}` tokens." if truncated else "",
+        )
 
     def _pack_images(self, images_per_sample: list[list], images_kwargs: dict) -> torch.Tensor | None:
         """
@@ -337,14 +334,7 @@ class FlamingoProcessor(ProcessorMixin):
             return None
         flat_images = [image for sample_images in images_per_sample for image in sample_images]
         processed = self.image_processor(flat_images, return_tensors="pt", **images_kwargs)["pixel_values"]
-        processed = torch.as_tensor(processed)
-
-        pixel_values = processed.new_zeros((len(counts), max(counts), *processed.shape[1:]))
-        start = 0
-        for index, count in enumerate(counts):
-            pixel_values[index, :count] = processed[start : start + count]
-            start += count
-        return pixel_values
+        return stack_images_per_sample(torch.as_tensor(processed).split(counts))
 
 
 __all__ = ["FlamingoProcessor"]

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -238,38 +239,57 @@ def _detect_prefix(keys: set[str]) -> str:
     return candidates[0]
 
 
-def _expected_shapes(config: CLIPVisionConfig) -> dict[str, tuple[int, ...]]:
-    """open_clip visual-module key (no prefix) -> shape, for every tensor except `proj`."""
-    width, inner = config.hidden_size, config.intermediate_size
-    patch, grid = config.patch_size, config.image_size // config.patch_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "class_embedding": (width,),
-        "positional_embedding": (grid * grid + 1, width),
-        "conv1.weight": (width, config.num_channels, patch, patch),
-        "ln_pre.weight": (width,),
-        "ln_pre.bias": (width,),
-        "ln_post.weight": (width,),
-        "ln_post.bias": (width,),
-    }
+@dataclass(frozen=True)
+class _VisionKey:
+    """One tensor of the transformers tower and the open_clip `VisionTransformer` tensor it comes from.
+
+    Attributes:
+        source: The open_clip key, without prefix.
+        target: The transformers key, relative to the tower (see `_tower_prefix`).
+        source_shape: The shape `source` must have.
+        part: For the fused q/k/v projection, which third of `source` (split along dim 0) `target` is.
+    """
+
+    source: str
+    target: str
+    source_shape: tuple[int, ...]
+    part: int | None = None
+
+
+def _vision_keys(config: CLIPVisionConfig) -> list[_VisionKey]:
+    """The open_clip -> transformers key mapping of a tower, for every tensor except `proj` (the module docstring's
+    table), in the order of the converted state dict."""
+    width, patch, grid = config.hidden_size, config.patch_size, config.image_size // config.patch_size
+    keys = [
+        _VisionKey("class_embedding", "embeddings.class_embedding", (width,)),
+        _VisionKey("conv1.weight", "embeddings.patch_embedding.weight", (width, config.num_channels, patch, patch)),
+        _VisionKey("positional_embedding", "embeddings.position_embedding.weight", (grid * grid + 1, width)),
+    ]
+    for norm, hf_norm in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+        for param in ("weight", "bias"):
+            keys.append(_VisionKey(f"{norm}.{param}", f"{hf_norm}.{param}", (width,)))
     for i in range(config.num_hidden_layers):
-        block = f"transformer.resblocks.{i}."
-        shapes.update(
-            {
-                block + "ln_1.weight": (width,),
-                block + "ln_1.bias": (width,),
-                block + "attn.in_proj_weight": (3 * width, width),
-                block + "attn.in_proj_bias": (3 * width,),
-                block + "attn.out_proj.weight": (width, width),
-                block + "attn.out_proj.bias": (width,),
-                block + "ln_2.weight": (width,),
-                block + "ln_2.bias": (width,),
-                block + "mlp.c_fc.weight": (inner, width),
-                block + "mlp.c_fc.bias": (inner,),
-                block + "mlp.c_proj.weight": (width, inner),
-                block + "mlp.c_proj.bias": (width,),
-            }
-        )
-    return shapes
+        keys.extend(_block_keys(i, width, config.intermediate_size))
+    return keys
+
+
+def _block_keys(index: int, width: int, inner: int) -> list[_VisionKey]:
+    """The `_VisionKey`s of residual block `index` (`transformer.resblocks.{index}` -> `encoder.layers.{index}`)."""
+    src, dst = f"transformer.resblocks.{index}.", f"encoder.layers.{index}."
+    keys = []
+    for part, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        keys.append(_VisionKey(f"{src}attn.in_proj_weight", f"{dst}self_attn.{name}.weight", (3 * width, width), part))
+        keys.append(_VisionKey(f"{src}attn.in_proj_bias", f"{dst}self_attn.{name}.bias", (3 * width,), part))
+    for src_name, dst_name, weight_shape in (
+        ("attn.out_proj", "self_attn.out_proj", (width, width)),
+        ("ln_1", "layer_norm1", (width,)),
+        ("ln_2", "layer_norm2", (width,)),
+        ("mlp.c_fc", "mlp.fc1", (inner, width)),
+        ("mlp.c_proj", "mlp.fc2", (width, inner)),
+    ):
+        keys.append(_VisionKey(f"{src}{src_name}.weight", f"{dst}{dst_name}.weight", weight_shape))
+        keys.append(_VisionKey(f"{src}{src_name}.bias", f"{dst}{dst_name}.bias", weight_shape[:1]))
+    return keys
 
 
 @functools.cache
@@ -341,7 +361,8 @@ def convert_open_clip_vision_state_dict(
     elif prefix and not prefix.endswith("."):
         prefix += "."
 
-    shapes = _expected_shapes(config)
+    vision_keys = _vision_keys(config)
+    shapes = {entry.source: entry.source_shape for entry in vision_keys}
     proj_shape = (config.hidden_size, config.projection_dim)
     sub = {key[len(prefix) :]: state_dict[key] for key in keys if key.startswith(prefix)}
 
@@ -362,30 +383,12 @@ def convert_open_clip_vision_state_dict(
         return tensor.detach().clone(memory_format=torch.contiguous_format)
 
     tower = _tower_prefix(CLIPVisionModelWithProjection if include_projection else CLIPVisionModel)
-    out: dict[str, Tensor] = {
-        f"{tower}embeddings.class_embedding": copy(sub["class_embedding"]),
-        f"{tower}embeddings.patch_embedding.weight": copy(sub["conv1.weight"]),
-        f"{tower}embeddings.position_embedding.weight": copy(sub["positional_embedding"]),
-    }
-    for norm, hf_norm in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
-        for param in ("weight", "bias"):
-            out[f"{tower}{hf_norm}.{param}"] = copy(sub[f"{norm}.{param}"])
-    for i in range(config.num_hidden_layers):
-        src, dst = f"transformer.resblocks.{i}.", f"{tower}encoder.layers.{i}."
-        q_w, k_w, v_w = sub[src + "attn.in_proj_weight"].chunk(3, dim=0)
-        q_b, k_b, v_b = sub[src + "attn.in_proj_bias"].chunk(3, dim=0)
-        for name, weight, bias in (("q_proj", q_w, q_b), ("k_proj", k_w, k_b), ("v_proj", v_w, v_b)):
-            out[f"{dst}self_attn.{name}.weight"] = copy(weight)
-            out[f"{dst}self_attn.{name}.bias"] = copy(bias)
-        for src_name, dst_name in (
-            ("attn.out_proj", "self_attn.out_proj"),
-            ("ln_1", "layer_norm1"),
-            ("ln_2", "layer_norm2"),
-            ("mlp.c_fc", "mlp.fc1"),
-            ("mlp.c_proj", "mlp.fc2"),
-        ):
-            for param in ("weight", "bias"):
-                out[f"{dst}{dst_name}.{param}"] = copy(sub[f"{src}{src_name}.{param}"])
+    out: dict[str, Tensor] = {}
+    for entry in vision_keys:
+        tensor = sub[entry.source]
+        if entry.part is not None:
+            tensor = tensor.chunk(3, dim=0)[entry.part]
+        out[f"{tower}{entry.target}"] = copy(tensor)
     if include_projection:
         out["visual_projection.weight"] = copy(sub["proj"].t())
     return out

@@ -37,8 +37,11 @@ logger = logging.getLogger(__name__)
 
 _CROSS_ATTENTION = "gated_cross_attn_layer"
 _DECODER_LAYER = "decoder_layer"
-_ALIAS_CROSS_ATTENTION = "lang_encoder.gated_cross_attn_layers."
-_ALIAS_DECODER_LAYERS = "lang_encoder.old_decoder_blocks."
+# Alias prefixes OpenFlamingo also saves the two halves of a wrapped decoder layer under, and the half each names.
+_LAYER_ALIASES = (
+    ("lang_encoder.gated_cross_attn_layers.", _CROSS_ATTENTION),
+    ("lang_encoder.old_decoder_blocks.", _DECODER_LAYER),
+)
 # Buffers that older transformers versions saved with the language model and current ones recompute (GPT-NeoX's
 # causal mask and masking constant, rotary inverse frequencies). Dropped only when the target model has no such key.
 _OBSOLETE_BUFFER_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq", ".attn.bias")
@@ -178,6 +181,60 @@ def infer_cross_attn_every_n_layers(layer_indices: list[int], num_layers: int) -
     )
 
 
+class _DecoderLayerKeys:
+    """Routes the keys of OpenFlamingo's wrapped decoder layers, `lang_encoder.<layers>.<i>.<half>.*`.
+
+    Each wrapped layer has two halves: `gated_cross_attn_layer` (to `gated_cross_attn_layers.<i>.*`) and
+    `decoder_layer` (to the language model's `<layers>.<i>.*`). Canonical keys and alias keys saved without their
+    canonical key both go through [`add`], so that decision is made in one place.
+    """
+
+    def __init__(self, decoder_layers_path: str, num_layers: int, weights: OpenFlamingoWeights) -> None:
+        self.decoder_layers_path = decoder_layers_path
+        self.num_layers = num_layers
+        self.weights = weights
+        self.cross_attention_layers: set[int] = set()
+        self.prefix = f"lang_encoder.{decoder_layers_path}."
+        self._pattern = re.compile(rf"^{re.escape(self.prefix)}(\d+)\.(.+)$")
+
+    def canonical(self, key: str) -> str | None:
+        """The canonical key of an alias key (see `_LAYER_ALIASES`); `None` if `key` is no alias."""
+        for alias_prefix, half in _LAYER_ALIASES:
+            if key.startswith(alias_prefix):
+                index, _, rest = key.removeprefix(alias_prefix).partition(".")
+                return f"{self.prefix}{index}.{half}.{rest}"
+        return None
+
+    def split(self, key: str, reported_key: str) -> tuple[int, str] | None:
+        """`(i, rest)` of a canonical key `<prefix><i>.<rest>`; `None` for other keys.
+
+        Raises:
+            CheckpointError: if `i` is not a layer of the language model (naming `reported_key`).
+        """
+        match = self._pattern.match(key)
+        if match is None:
+            return None
+        index = int(match.group(1))
+        if index >= self.num_layers:
+            raise CheckpointError(
+                f"Checkpoint key {reported_key!r} refers to decoder layer {index}, but the language model has "
+                f"{self.num_layers} layers: the checkpoint belongs to a different language model."
+            )
+        return index, match.group(2)
+
+    def add(self, index: int, rest: str, value: torch.Tensor) -> bool:
+        """Stores the weight `rest` of wrapped layer `index`; `False` if `rest` is in neither half."""
+        half, dot, name = rest.partition(".")
+        if dot and half == _CROSS_ATTENTION:
+            self.cross_attention_layers.add(index)
+            self.weights.bridge[f"gated_cross_attn_layers.{index}.{name}"] = value
+        elif dot and half == _DECODER_LAYER:
+            self.weights.language_model[f"{self.decoder_layers_path}.{index}.{name}"] = value
+        else:
+            return False
+        return True
+
+
 def map_openflamingo_state_dict(
     state_dict: Mapping[str, torch.Tensor], decoder_layers_path: str, num_layers: int
 ) -> OpenFlamingoWeights:
@@ -193,42 +250,19 @@ def map_openflamingo_state_dict(
         CheckpointError: for keys that belong nowhere, layer indices out of range, alias keys whose shape differs
             from their canonical key, or a checkpoint written for a language model with differently placed layers.
     """
-    layer_prefix = f"lang_encoder.{decoder_layers_path}."
-    layer_key = re.compile(rf"^{re.escape(layer_prefix)}(\d+)\.(.+)$")
     weights = OpenFlamingoWeights()
+    layers = _DecoderLayerKeys(decoder_layers_path, num_layers, weights)
     aliases: dict[str, str] = {}
     unexpected: list[str] = []
-    cross_attention_layers: set[int] = set()
-
-    def check_layer(index: int, key: str) -> None:
-        if index >= num_layers:
-            raise CheckpointError(
-                f"Checkpoint key {key!r} refers to decoder layer {index}, but the language model has {num_layers} "
-                "layers: the checkpoint belongs to a different language model."
-            )
-
     for key, value in state_dict.items():
         if key.startswith("perceiver."):
             weights.bridge[key] = value
         elif key.startswith("vision_encoder."):
             weights.vision_encoder[key.removeprefix("vision_encoder.")] = value
-        elif key.startswith(_ALIAS_CROSS_ATTENTION):
-            index, _, rest = key.removeprefix(_ALIAS_CROSS_ATTENTION).partition(".")
-            aliases[key] = f"{layer_prefix}{index}.{_CROSS_ATTENTION}.{rest}"
-        elif key.startswith(_ALIAS_DECODER_LAYERS):
-            index, _, rest = key.removeprefix(_ALIAS_DECODER_LAYERS).partition(".")
-            aliases[key] = f"{layer_prefix}{index}.{_DECODER_LAYER}.{rest}"
-        elif match := layer_key.match(key):
-            index, rest = int(match.group(1)), match.group(2)
-            check_layer(index, key)
-            if rest.startswith(f"{_CROSS_ATTENTION}."):
-                cross_attention_layers.add(index)
-                weights.bridge[f"gated_cross_attn_layers.{index}.{rest.removeprefix(_CROSS_ATTENTION + '.')}"] = value
-            elif rest.startswith(f"{_DECODER_LAYER}."):
-                weights.language_model[f"{decoder_layers_path}.{index}.{rest.removeprefix(_DECODER_LAYER + '.')}"] = (
-                    value
-                )
-            else:
+        elif (canonical := layers.canonical(key)) is not None:
+            aliases[key] = canonical
+        elif (layer_weight := layers.split(key, key)) is not None:
+            if not layers.add(*layer_weight, value):
                 unexpected.append(key)
         elif key.startswith("lang_encoder."):
             weights.language_model[key.removeprefix("lang_encoder.")] = value
@@ -241,6 +275,17 @@ def map_openflamingo_state_dict(
             f"its decoder layers at `{decoder_layers_path}`: {format_keys(unexpected, 5)}. Is the checkpoint from a "
             "different release or language model?"
         )
+    _resolve_aliases(state_dict, aliases, layers)
+    if not layers.cross_attention_layers:
+        raise _no_cross_attention_error(state_dict, decoder_layers_path)
+    weights.cross_attention_layers = sorted(layers.cross_attention_layers)
+    return weights
+
+
+def _resolve_aliases(
+    state_dict: Mapping[str, torch.Tensor], aliases: Mapping[str, str], layers: _DecoderLayerKeys
+) -> None:
+    """Drops each alias key that duplicates its canonical key, and routes the others as their canonical key."""
     for alias, canonical in aliases.items():
         if canonical in state_dict:
             if state_dict[canonical].shape != state_dict[alias].shape:
@@ -250,39 +295,25 @@ def map_openflamingo_state_dict(
                 )
             if not state_dict[alias].is_meta and not torch.equal(state_dict[alias], state_dict[canonical]):
                 raise CheckpointError(f"Alias key {alias!r} holds different values than {canonical!r}.")
-            weights.dropped_aliases.append(alias)
+            layers.weights.dropped_aliases.append(alias)
             continue
-        # Only the alias was saved: use it as the canonical key.
-        match = layer_key.match(canonical)
-        if match is None:
+        layer_weight = layers.split(canonical, alias)
+        if layer_weight is None:
             raise CheckpointError(f"Alias key {alias!r} has no layer index.")
-        index, rest = int(match.group(1)), match.group(2)
-        check_layer(index, alias)
-        if rest.startswith(f"{_CROSS_ATTENTION}."):
-            cross_attention_layers.add(index)
-            weights.bridge[f"gated_cross_attn_layers.{index}.{rest.removeprefix(_CROSS_ATTENTION + '.')}"] = (
-                state_dict[alias]
-            )
-        else:
-            weights.language_model[f"{decoder_layers_path}.{index}.{rest.removeprefix(_DECODER_LAYER + '.')}"] = (
-                state_dict[alias]
-            )
-    if not cross_attention_layers:
-        found = sorted(
-            {
-                m.group(1)
-                for k in state_dict
-                if (m := re.match(r"^lang_encoder\.(.+?)\.\d+\.gated_cross_attn_layer\.", k))
-            }
-        )
-        raise CheckpointError(
-            "The checkpoint has no gated cross-attention weights for a language model whose decoder layers are at "
-            f"`{decoder_layers_path}`"
-            + (f"; its cross-attention blocks sit in `lang_encoder.{found[0]}`" if found else "")
-            + ". Is it from a different release or language model?"
-        )
-    weights.cross_attention_layers = sorted(cross_attention_layers)
-    return weights
+        # `canonical` names one of the two halves (see `_DecoderLayerKeys.canonical`), so this always stores it.
+        layers.add(*layer_weight, state_dict[alias])
+
+
+def _no_cross_attention_error(state_dict: Mapping[str, torch.Tensor], decoder_layers_path: str) -> CheckpointError:
+    """The error for a checkpoint without cross-attention weights where the model expects them."""
+    pattern = re.compile(rf"^lang_encoder\.(.+?)\.\d+\.{re.escape(_CROSS_ATTENTION)}\.")
+    found = sorted({match.group(1) for key in state_dict if (match := pattern.match(key))})
+    return CheckpointError(
+        "The checkpoint has no gated cross-attention weights for a language model whose decoder layers are at "
+        f"`{decoder_layers_path}`"
+        + (f"; its cross-attention blocks sit in `lang_encoder.{found[0]}`" if found else "")
+        + ". Is it from a different release or language model?"
+    )
 
 
 def _rename_to_installed_transformers(

@@ -1,5 +1,6 @@
 """Few-shot evaluation with OpenFlamingo's protocol: COCO/Flickr30K captioning, VQAv2/OK-VQA/VizWiz/TextVQA,
-ImageNet and HatefulMemes, with random or RICES demonstrations (see `runner.py`)."""
+ImageNet and HatefulMemes, with random or RICES demonstrations. `runner.py` runs the protocol; each task family
+(`tasks.py`) holds its prompts, model call and metric; `inference.py` holds the two model calls."""
 
 from .datasets import (
     DatasetFormatError,
@@ -13,27 +14,27 @@ from .datasets import (
     load_vqa,
 )
 from .demonstrations import RICES, RandomDemonstrations, VisionTowerEncoder
+from .inference import class_log_likelihoods, generate_batch
 from .metrics import compute_cider, compute_vqa_accuracy, normalize_vqa_answer, roc_auc_score, vqa_accuracy
-from .runner import (
-    TASKS,
-    EvaluationConfig,
-    EvaluationResults,
-    ShotResult,
-    class_log_likelihoods,
-    evaluate,
-    generate_batch,
-)
+from .runner import TASKS, EvaluationConfig, EvaluationResults, ShotResult, evaluate
+from .tasks import CaptioningTask, ClassificationTask, EvaluationTask, HatefulMemesTask, ImageNetTask, VQATask
 
 __all__ = [
+    "CaptioningTask",
+    "ClassificationTask",
     "DatasetFormatError",
     "EvalExample",
     "EvaluationConfig",
     "EvaluationResults",
+    "EvaluationTask",
+    "HatefulMemesTask",
+    "ImageNetTask",
     "RICES",
     "RandomDemonstrations",
     "ShotResult",
     "TASKS",
     "UnreadableImageError",
+    "VQATask",
     "VisionTowerEncoder",
     "class_log_likelihoods",
     "compute_cider",
