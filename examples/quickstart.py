@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import random
 import sys
@@ -472,8 +473,34 @@ class DemoSummary:
         return cls(**json.loads(text))
 
 
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= `minimum` (a bad value is a usage error before anything is loaded)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The quick-start's command-line options."""
+    """The quick-start's command-line options (each checked when parsed, before anything is loaded or created)."""
     parser = argparse.ArgumentParser(
         prog="quickstart.py",
         description="Train a Flamingo bridge over SmolLM2-135M on synthetic captions, offline on a CPU, and compare "
@@ -485,26 +512,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="Where the trained model and processor are saved (default: a new temporary directory, kept).",
     )
     parser.add_argument("--overwrite", action="store_true", help="Write into an existing non-empty --output-dir.")
-    parser.add_argument("--max-steps", type=int, default=300, help="Training steps (default: 300).")
-    parser.add_argument("--batch-size", type=int, default=16, help="Training batch size (default: 16).")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Peak learning rate (default: 1e-3).")
+    parser.add_argument("--max-steps", type=_int_at_least(1), default=300, help="Training steps (default: 300).")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=16, help="Training batch size (default: 16).")
     parser.add_argument(
-        "--gate-lr-multiplier", type=float, default=10.0, help="Learning-rate factor of the tanh gates (default: 10)."
+        "--learning-rate", type=_positive_float, default=1e-3, help="Peak learning rate (default: 1e-3)."
     )
-    parser.add_argument("--warmup-steps", type=int, default=20, help="Linear warm-up steps (default: 20).")
+    parser.add_argument(
+        "--gate-lr-multiplier",
+        type=_positive_float,
+        default=10.0,
+        help="Learning-rate factor of the tanh gates (default: 10).",
+    )
+    parser.add_argument(
+        "--warmup-steps", type=_int_at_least(0), default=20, help="Linear warm-up steps (default: 20)."
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="Seed of the model, the data and the training (default: 0)."
     )
-    parser.add_argument("--num-eval", type=int, default=96, help="Held-out 2-shot prompts to caption (default: 96).")
     parser.add_argument(
-        "--num-show", type=int, default=8, help="Held-out captions to print next to their targets (default: 8)."
+        "--num-eval", type=_int_at_least(1), default=96, help="Held-out 2-shot prompts to caption (default: 96)."
+    )
+    parser.add_argument(
+        "--num-show",
+        type=_int_at_least(0),
+        default=8,
+        help="Held-out captions to print next to their targets (default: 8).",
     )
     parser.add_argument(
         "--no-bf16", dest="bf16", action="store_false", help="Train in float32 instead of bf16 autocast."
     )
     parser.add_argument(
         "--num-threads",
-        type=int,
+        type=_int_at_least(1),
         default=None,
         help="CPU threads for torch (default: torch's choice; 1 can be faster on a CPU shared with other jobs).",
     )
@@ -590,9 +629,25 @@ def evaluate_captions(
 
 
 def run(args: argparse.Namespace) -> DemoSummary:
-    """Runs the whole quick-start with parsed options, prints its report and returns what it measured."""
+    """Runs the whole quick-start with parsed options, prints its report and returns what it measured.
+
+    SmolLM2's package is looked up before the output directory is created; a directory this run created is removed
+    again if the run fails before writing anything into it.
+    """
     start = time.perf_counter()
+    smollm2_directory()  # fails early (RuntimeError) if the language model is not installed
+    created = args.output_dir is None or not os.path.exists(args.output_dir)
     output_dir = prepare_output_dir(args.output_dir, args.overwrite)
+    try:
+        return _run_in(args, output_dir, start)
+    except BaseException:
+        if created and os.path.isdir(output_dir) and not os.listdir(output_dir):
+            os.rmdir(output_dir)
+        raise
+
+
+def _run_in(args: argparse.Namespace, output_dir: str, start: float) -> DemoSummary:
+    """`run`, once the output directory exists."""
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     set_seed(args.seed)
@@ -651,12 +706,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `examples/quickstart.py`.
 
     Returns:
-        `int`: 0 on success, 2 for a refused `--output-dir`, 1 if SmolLM2 is not installed.
+        `int`: 0 on success, 2 for a refused `--output-dir` or a bad option (argparse exits with 2 for the latter, as
+        every command line does), 1 if SmolLM2 is not installed.
     """
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except FileExistsError as error:
+    except (FileExistsError, NotADirectoryError, PermissionError) as error:  # --output-dir cannot be used
         print(f"error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:

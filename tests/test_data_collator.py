@@ -81,10 +81,13 @@ def test_truncation_drops_the_images_of_cut_image_tokens(tiny_processor):
     full = FlamingoDataCollator(tiny_processor)(_features())
     torch.testing.assert_close(batch["pixel_values"][:, 0], full["pixel_values"][:, 0], atol=0, rtol=0)
 
-    # Cutting every <image> token drops every image: no pixel_values, and nothing to learn.
-    batch = FlamingoDataCollator(tiny_processor, max_length=1)(_features()[:1])
+    # Cutting every <image> token drops every image: no pixel_values, and (by default) nothing to learn, which a
+    # batch may not be (its loss would be NaN).
+    batch = FlamingoDataCollator(tiny_processor, max_length=1, mask_before_first_image=False)(_features()[:1])
     assert "pixel_values" not in batch
-    assert batch["input_ids"].tolist() == [[88]] and batch["labels"].tolist() == [[-100]]
+    assert batch["input_ids"].tolist() == [[88]] and batch["labels"].tolist() == [[88]]
+    with pytest.raises(ValueError, match="No sample of the batch has a target token"):
+        FlamingoDataCollator(tiny_processor, max_length=1)(_features()[:1])
 
 
 def test_pad_to_multiple_of(tiny_processor):
@@ -125,7 +128,9 @@ def test_processed_features_give_the_same_batch(tiny_processor):
         assert batch.keys() == expected.keys()
         for key in expected:
             torch.testing.assert_close(batch[key], expected[key], atol=0, rtol=0, msg=key)
-    text_only = FlamingoDataCollator(tiny_processor)([{"input_ids": [65, 66]}, {"input_ids": [65]}])
+    text_only = FlamingoDataCollator(tiny_processor, mask_before_first_image=False)(
+        [{"input_ids": [65, 66]}, {"input_ids": [65]}]
+    )
     assert "pixel_values" not in text_only
     assert text_only["input_ids"].tolist() == [[65, 66], [65, PAD]]
     with pytest.raises(

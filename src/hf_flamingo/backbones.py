@@ -7,6 +7,8 @@ checkpoint's remote code, which needs none of this (loading backbones, reading t
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 from typing import Any
 
@@ -67,8 +69,12 @@ def from_backbones(
     Returns:
         A `model_class` in eval mode, its backbones frozen.
     """
+    _check_config_overrides(config_overrides)
+    for name, value in (("vision_model", vision_model), ("language_model", language_model)):
+        _check_local_path(name, value)
     vision_model_loaded_here = isinstance(vision_model, (str, os.PathLike))
     vision_model = _load_vision_model(vision_model, dtype, vision_model_kwargs or {})
+    _check_vision_tower(vision_model)
     lm_kwargs = {"dtype": dtype, "device_map": device_map, "quantization_config": quantization_config}
     language_model = _load_language_model(language_model, lm_kwargs, language_model_kwargs or {})
     if tokenizer is not None:
@@ -105,7 +111,70 @@ def _load_language_model(
             "`language_model` must be a Hub id, a local directory or a transformers `*ForCausalLM` model, got "
             f"{type(language_model).__name__}."
         )
+    _check_causal_language_model(language_model)
     return language_model
+
+
+def _check_vision_tower(vision_model: PreTrainedModel) -> None:
+    if vision_model.main_input_name != "pixel_values":
+        raise TypeError(
+            f"`vision_model` is a {type(vision_model).__name__}, which takes `{vision_model.main_input_name}`, not "
+            "`pixel_values`: pass a vision encoder (e.g. `CLIPVisionModel`, `SiglipVisionModel`) or an image-text "
+            "model holding one (e.g. `CLIPModel`)."
+            + (" Were `vision_model` and `language_model` swapped?" if vision_model.can_generate() else "")
+        )
+
+
+def _check_causal_language_model(language_model: PreTrainedModel) -> None:
+    """Refuses a vision model, and a model whose config has a transformers causal LM class it is not (e.g. a
+    `BertModel`, whose causal LM is `BertLMHeadModel`); other custom models are trusted."""
+    if language_model.can_generate():
+        return
+    name = type(language_model).__name__
+    if language_model.main_input_name == "pixel_values":
+        raise TypeError(
+            f"`language_model` is a {name}, a vision model, not a causal language model: were `vision_model` and "
+            "`language_model` swapped?"
+        )
+    config_class = type(language_model.config)
+    if config_class in AutoModelForCausalLM._model_mapping:
+        causal_class = AutoModelForCausalLM._model_mapping[config_class]
+        raise TypeError(
+            f"`language_model` is a {name}, which has no language-modelling head; pass its causal language model "
+            f"({causal_class.__name__}, e.g. from `AutoModelForCausalLM.from_pretrained(...)`), or its Hub id or "
+            "directory."
+        )
+
+
+def _check_local_path(name: str, value: Any) -> None:
+    """A path that can only be local (absolute, relative to `.`/`..`/`~`, or a `PathLike`) must be a directory;
+    anything else may be a Hub id and is left to `from_pretrained`."""
+    if isinstance(value, os.PathLike):
+        path = os.fspath(value)
+    elif isinstance(value, str) and (os.path.isabs(value) or value.startswith((".", "~"))):
+        path = value
+    else:
+        return
+    if not os.path.isdir(os.path.expanduser(path)):
+        raise FileNotFoundError(
+            f"`{name}` is {str(path)!r}, which is not an existing directory; pass the directory a model was saved "
+            "to (`save_pretrained`), a Hub id, or a model instance."
+        )
+
+
+def _check_config_overrides(config_overrides: dict[str, Any]) -> None:
+    """Refuses keyword arguments that are near-misses of a [`FlamingoConfig`] argument (a typo would otherwise be
+    stored as an unused config attribute and silently ignored)."""
+    known = set(inspect.signature(FlamingoConfig.__init__).parameters) - {"self", "kwargs"}
+    for name in config_overrides:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        if close:
+            raise TypeError(
+                f"`from_backbones` got an unexpected keyword argument {name!r}; did you mean {close[0]!r} (a "
+                "`FlamingoConfig` argument)?"
+            )
 
 
 def _place_new_modules(model: Any, move_vision_model: bool) -> None:

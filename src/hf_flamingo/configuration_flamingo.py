@@ -34,6 +34,69 @@ def _as_config(value: PretrainedConfig | dict[str, Any] | None, name: str) -> Pr
     )
 
 
+class NotAFlamingoConfigError(ValueError):
+    """A config of another model type (`model_type`) was given to [`FlamingoConfig`]."""
+
+    def __init__(self, message: str, model_type: str):
+        super().__init__(message)
+        self.model_type = model_type
+
+
+def _check_sub_configs(vision_config: PretrainedConfig, text_config: PretrainedConfig) -> None:
+    """Refuses a language-model config given as `vision_config` and a vision config given as `text_config` (e.g.
+    swapped arguments)."""
+    if hasattr(vision_config, "vocab_size") and not hasattr(vision_config, "image_size"):
+        raise ValueError(
+            f"`vision_config` is a {type(vision_config).__name__}, which looks like a language model's config (it has "
+            "a `vocab_size` and no `image_size`); pass a vision encoder's config (e.g. `CLIPVisionConfig`). Were "
+            "`vision_config` and `text_config` swapped?"
+        )
+    if hasattr(text_config, "image_size") and not hasattr(text_config, "vocab_size"):
+        raise ValueError(
+            f"`text_config` is a {type(text_config).__name__}, which looks like a vision encoder's config (it has an "
+            "`image_size` and no `vocab_size`); pass a causal language model's config (e.g. `LlamaConfig`). Were "
+            "`vision_config` and `text_config` swapped?"
+        )
+
+
+def _check_positive(**sizes: int | None) -> None:
+    """Sizes and counts must be integers >= 1 (`None`: unset, allowed)."""
+    for name, value in sizes.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+
+
+def _check_token_ids(media_token_id: Any, eoc_token_id: Any) -> None:
+    for name, value in (("media_token_id", media_token_id), ("eoc_token_id", eoc_token_id)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(
+                f"`{name}` must be a token id (an integer >= 0), got {value!r}; read it from the tokenizer, e.g. "
+                "`FlamingoProcessor(...).media_token_id`."
+            )
+    if media_token_id is not None and media_token_id == eoc_token_id:
+        raise ValueError(
+            f"`media_token_id` and `eoc_token_id` are both {media_token_id}: `<image>` and `<|endofchunk|>` must be "
+            "different tokens."
+        )
+
+
+def _check_vision_features(vision_config: PretrainedConfig, layer: Any, strategy: Any) -> None:
+    if strategy not in _VISION_FEATURE_STRATEGIES:
+        raise ValueError(
+            f"`vision_feature_select_strategy` must be one of {_VISION_FEATURE_STRATEGIES}, got {strategy!r}."
+        )
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise ValueError(f"`vision_feature_layer` must be an integer index, got {layer!r}.")
+    depth = getattr(vision_config, "num_hidden_layers", None)
+    # The tower returns `depth + 1` hidden states: the embeddings, then one per layer.
+    if isinstance(depth, int) and not -(depth + 1) <= layer <= depth:
+        raise ValueError(
+            f"`vision_feature_layer={layer}` is out of range: the vision tower has {depth} layers "
+            f"(`vision_config.num_hidden_layers`), so it must lie between {-(depth + 1)} and {depth} (-1: the last "
+            "layer's output)."
+        )
+
+
 class FlamingoConfig(PretrainedConfig):
     r"""
     Configuration of a [`FlamingoForConditionalGeneration`]: a frozen vision encoder, a Perceiver Resampler and
@@ -153,25 +216,22 @@ class FlamingoConfig(PretrainedConfig):
         if text_config is None:
             text_config = AutoConfig.for_model("llama")
 
-        if cross_attn_every_n_layers < 1:
-            raise ValueError(f"`cross_attn_every_n_layers` must be >= 1, got {cross_attn_every_n_layers}.")
-        if vision_feature_select_strategy not in _VISION_FEATURE_STRATEGIES:
-            raise ValueError(
-                f"`vision_feature_select_strategy` must be one of {_VISION_FEATURE_STRATEGIES}, got "
-                f"{vision_feature_select_strategy!r}."
-            )
-        for name, value in (
-            ("perceiver_depth", perceiver_depth),
-            ("perceiver_num_latents", perceiver_num_latents),
-            ("perceiver_heads", perceiver_heads),
-            ("perceiver_dim_head", perceiver_dim_head),
-            ("perceiver_ff_mult", perceiver_ff_mult),
-            ("xattn_heads", xattn_heads),
-            ("xattn_dim_head", xattn_dim_head),
-            ("xattn_ff_mult", xattn_ff_mult),
-        ):
-            if value < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {value}.")
+        _check_sub_configs(vision_config, text_config)
+        _check_positive(
+            cross_attn_every_n_layers=cross_attn_every_n_layers,
+            perceiver_depth=perceiver_depth,
+            perceiver_num_latents=perceiver_num_latents,
+            perceiver_heads=perceiver_heads,
+            perceiver_dim_head=perceiver_dim_head,
+            perceiver_ff_mult=perceiver_ff_mult,
+            xattn_heads=xattn_heads,
+            xattn_dim_head=xattn_dim_head,
+            xattn_ff_mult=xattn_ff_mult,
+            max_num_media=max_num_media,
+            max_num_frames=max_num_frames,
+        )
+        _check_token_ids(media_token_id, eoc_token_id)
+        _check_vision_features(vision_config, vision_feature_layer, vision_feature_select_strategy)
 
         self.vision_config = vision_config
         self.text_config = text_config
@@ -205,6 +265,31 @@ class FlamingoConfig(PretrainedConfig):
             for name, implementation in sub_attn_implementations.items():
                 if implementation is not None:
                     getattr(self, name)._attn_implementation_internal = implementation
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
+        """As [`~PretrainedConfig.from_dict`], refusing the config of another model type (e.g. a language model's)."""
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            raise NotAFlamingoConfigError(
+                f"This is a {model_type!r} config, not a Flamingo (`model_type` {cls.model_type!r}).", model_type
+            )
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> PretrainedConfig:
+        """As [`~PretrainedConfig.from_pretrained`]; a directory or Hub repository holding another model (e.g. a saved
+        language model) raises a `ValueError` that says so and points to `from_backbones`."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except NotAFlamingoConfigError as error:
+            raise NotAFlamingoConfigError(
+                f"{str(pretrained_model_name_or_path)!r} is not a Flamingo checkpoint: its config.json holds a "
+                f"{error.model_type!r} config, not a Flamingo (`model_type` {cls.model_type!r}). To build a "
+                "new Flamingo around this model, use `FlamingoForConditionalGeneration.from_backbones(vision_model, "
+                "language_model, tokenizer=...)`.",
+                error.model_type,
+            ) from None
 
     @property
     def vision_hidden_size(self) -> int:

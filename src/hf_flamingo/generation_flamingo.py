@@ -22,6 +22,7 @@ from transformers import GenerationMixin
 
 from .image_conditioning import resolve_token_image_index
 from .image_tokens import count_image_tokens
+from .input_checks import check_prompt
 
 if TYPE_CHECKING:
     from .modeling_flamingo import FlamingoForConditionalGeneration
@@ -188,6 +189,10 @@ class FlamingoGenerationMixin(GenerationMixin):
 
         Returns:
             `torch.LongTensor` or a [`~utils.ModelOutput`], as [`~GenerationMixin.generate`].
+
+        Raises:
+            TypeError, ValueError, RuntimeError: as [`~FlamingoForConditionalGeneration.forward`]; the prompt and the
+                images are checked once per call, never at the decoding steps.
         """
         for name in ("cross_attention_states", "token_image_index"):
             if kwargs.get(name) is not None:
@@ -196,6 +201,7 @@ class FlamingoGenerationMixin(GenerationMixin):
         if images is None:
             if input_ids is None:
                 raise ValueError("`generate` needs `input_ids` (the prompt, with its `<image>` tokens).")
+            check_prompt(self, input_ids, attention_mask)
             images = FlamingoGenerationImages(self, input_ids, pixel_values, image_hidden_states)
         elif pixel_values is not None or image_hidden_states is not None:
             raise ValueError("Pass the images as `pixel_values` or `image_hidden_states`, not with `flamingo_images`.")

@@ -27,11 +27,15 @@ def resolve_token_image_index(
     `<image>` tokens, checked against the `num_images` images given per sample.
 
     Raises:
+        TypeError: if `token_image_index` is not an integer tensor.
         ValueError: if `token_image_index` has the wrong shape or range; if a row has more `<image>` tokens than
             images, images but no `<image>` token, or `<image>` tokens but no images; if tokens continue a non-empty
             cache with images and no `token_image_index` (the count would restart at 0).
     """
     if token_image_index is not None:
+        if not isinstance(token_image_index, torch.Tensor) or token_image_index.is_floating_point():
+            kind = getattr(token_image_index, "dtype", type(token_image_index).__name__)
+            raise TypeError(f"`token_image_index` must be an integer tensor (torch.long), got {kind}.")
         if token_image_index.shape != input_ids.shape:
             raise ValueError(
                 f"`token_image_index` must have the shape of `input_ids`, {tuple(input_ids.shape)}; got "
@@ -71,24 +75,14 @@ def _check_image_counts(counts: torch.LongTensor, num_images: int, media_token_i
     if num_images and most == 0:
         raise ValueError(
             f"Images were given but `input_ids` contains no `<image>` token (id {media_token_id}); put one `<image>` "
-            "token where each image appears in the text."
+            "token where each image appears in the text. If the text has `<image>` tokens, the processor and the "
+            "model disagree on its id: use the processor the model was built with (`config.media_token_id` must be "
+            "the processor's `media_token_id`)."
         )
     if not num_images and most > 0:
         raise ValueError(
             f"`input_ids` contains `<image>` tokens (id {media_token_id}) but no `pixel_values` or "
             "`image_hidden_states` were given."
-        )
-
-
-def check_image_hidden_states(image_hidden_states: torch.FloatTensor, batch_size: int) -> None:
-    if image_hidden_states.ndim != 4:
-        raise ValueError(
-            "`image_hidden_states` must have shape (batch_size, num_images, num_latents, vision_hidden_size), got "
-            f"{tuple(image_hidden_states.shape)}."
-        )
-    if image_hidden_states.shape[0] != batch_size:
-        raise ValueError(
-            f"Got images for {image_hidden_states.shape[0]} samples but `input_ids` has {batch_size} rows."
         )
 
 

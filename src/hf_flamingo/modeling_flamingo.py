@@ -25,9 +25,9 @@ from .image_conditioning import (
     block_conditioning,
     build_cross_attention_mask,
     check_cross_attention_states,
-    check_image_hidden_states,
     resolve_token_image_index,
 )
+from .input_checks import check_forward_inputs, check_image_hidden_states, check_model_config, check_pixel_values
 from .language_model_hooks import CrossAttentionConditioning, LanguageModelHooks
 from .modeling_mosaic_gpt import MosaicGPTForCausalLM
 from .perceiver import FlamingoPerceiverResampler
@@ -142,11 +142,7 @@ class FlamingoModel(FlamingoPreTrainedModel):
         language_model: PreTrainedModel | None = None,
     ):
         super().__init__(config)
-        if config.media_token_id is None:
-            raise ValueError(
-                "`config.media_token_id` is not set: it must be the id of the `<image>` token in your tokenizer "
-                "(e.g. `FlamingoProcessor(...).media_token_id`)."
-            )
+        check_model_config(config)
         self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
         self.perceiver = FlamingoPerceiverResampler(config)
         self.gated_cross_attn_layers = nn.ModuleDict(
@@ -273,17 +269,15 @@ class FlamingoModel(FlamingoPreTrainedModel):
 
         Returns:
             `torch.FloatTensor` of shape `(batch, num_images, num_latents, vision_hidden_size)`.
+
+        Raises:
+            TypeError, ValueError: for images the vision tower cannot take or that would give a silent wrong result
+                ([`~hf_flamingo.input_checks.check_pixel_values`]).
         """
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
-        if pixel_values.ndim == 5:
-            pixel_values = pixel_values.unsqueeze(2)
-        elif pixel_values.ndim != 6:
-            raise ValueError(
-                "`pixel_values` must have shape (batch, num_images, channels, height, width) or (batch, num_images, "
-                f"num_frames, channels, height, width); got a {pixel_values.ndim}-D tensor of shape "
-                f"{tuple(pixel_values.shape)}."
-            )
+        return self._encode_images(check_pixel_values(self, pixel_values))
+
+    def _encode_images(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """`get_image_features` of checked 6-D `pixel_values`."""
         batch, num_images, num_frames = pixel_values.shape[:3]
         vision_param = next(self.vision_model.parameters())
         flat = pixel_values.reshape(batch * num_images * num_frames, *pixel_values.shape[3:])
@@ -328,9 +322,9 @@ class FlamingoModel(FlamingoPreTrainedModel):
         if pixel_values is not None and image_hidden_states is not None:
             raise ValueError("Pass either `pixel_values` or `image_hidden_states`, not both.")
         if pixel_values is not None:
-            image_hidden_states = self.get_image_features(pixel_values)
+            return self._encode_images(check_pixel_values(self, pixel_values, input_ids))
         if image_hidden_states is not None:
-            check_image_hidden_states(image_hidden_states, input_ids.shape[0])
+            check_image_hidden_states(image_hidden_states, input_ids.shape[0], self.config)
         return image_hidden_states
 
     def get_cross_attention_states(self, image_hidden_states: torch.FloatTensor) -> torch.FloatTensor:
@@ -430,8 +424,8 @@ class FlamingoModel(FlamingoPreTrainedModel):
             [`FlamingoModelOutputWithPast`] (`last_hidden_state`, the cache, `hidden_states`, `attentions`,
             `image_hidden_states`) or `tuple`.
         """
-        _check_text_inputs(input_ids, kwargs)
         cache = merge_cache_arguments(cache, past_key_values)
+        check_forward_inputs(self, input_ids, attention_mask, position_ids, cache, token_image_index, kwargs)
         conditioning, image_hidden_states = self._conditioning(
             input_ids, pixel_values, image_hidden_states, cross_attention_states, token_image_index, cache
         )
@@ -489,7 +483,11 @@ class FlamingoForConditionalGeneration(FlamingoModel, FlamingoGenerationMixin):
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
                 1 for real tokens, 0 for padding (covering the cached tokens too when a cache is given).
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_images, channels, height, width)` or `(batch_size, num_images, num_frames, channels, height, width)`, *optional*):
-                The images, in order of their `<image>` tokens; samples with fewer images are zero-padded at the end.
+                The images, in order of their `<image>` tokens, normalised by the image processor (a float tensor
+                whose values stay within +-30, `input_checks.MAX_NORMALISED_PIXEL_VALUE`: integer or raw 0-255
+                values, and NaN/inf, are refused). Samples with fewer images are padded at the end with all-zero
+                images; an image beyond a sample's number of `<image>` tokens is ignored, with a `UserWarning` when
+                it is not all zeros (an image whose `<image>` token is missing).
             image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_images, num_latents, vision_hidden_size)`, *optional*):
                 Precomputed Perceiver Resampler outputs (e.g. `outputs.image_hidden_states`), instead of
                 `pixel_values`.
@@ -525,9 +523,16 @@ class FlamingoForConditionalGeneration(FlamingoModel, FlamingoGenerationMixin):
 
         Returns:
             [`FlamingoCausalLMOutputWithPast`] or `tuple`.
+
+        Raises:
+            TypeError, ValueError: for inputs that would fail deep inside or give a silent wrong result
+                ([`hf_flamingo.input_checks`]): shapes and dtypes are always checked; token values (ids in the
+                vocabulary, `<image>` tokens where `attention_mask` is 0) when no `cache` and no `token_image_index`
+                are given; images whenever given. Value checks are skipped under `torch.compile`.
+            RuntimeError: if the model's weights are still on the `meta` device.
         """
-        _check_text_inputs(input_ids, kwargs)
         cache = merge_cache_arguments(cache, past_key_values)
+        check_forward_inputs(self, input_ids, attention_mask, position_ids, cache, token_image_index, kwargs, labels)
         conditioning, image_hidden_states = self._conditioning(
             input_ids, pixel_values, image_hidden_states, cross_attention_states, token_image_index, cache
         )
@@ -569,15 +574,6 @@ def _causal_lm_from_config(text_config: PretrainedConfig) -> PreTrainedModel:
 
 def _accepts_argument(module: nn.Module, argument: str) -> bool:
     return argument in inspect.signature(module.forward).parameters
-
-
-def _check_text_inputs(input_ids: torch.LongTensor | None, kwargs: dict[str, Any]) -> None:
-    if input_ids is None:
-        raise ValueError(
-            "Flamingo needs `input_ids`: the `<image>` tokens in them decide which image each token attends to."
-        )
-    if kwargs.pop("inputs_embeds", None) is not None:
-        raise ValueError("Pass `input_ids` only, not `inputs_embeds`.")
 
 
 __all__ = [

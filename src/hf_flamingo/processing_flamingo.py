@@ -5,6 +5,7 @@ contract it shares with the collator and the model), so that both ship as remote
 """
 
 import inspect
+import re
 from typing import Any
 
 import numpy as np
@@ -14,9 +15,16 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
-from .image_tokens import check_image_token_counts, image_tokens_per_sample, stack_images_per_sample
+from .image_tokens import (
+    check_image_token_counts,
+    check_pixel_values,
+    image_tokens_per_sample,
+    stack_images_per_sample,
+)
 
 _PADDING_DEFAULTS = {"padding": "longest"}
+_NUM_CHANNELS = (1, 3, 4)
+"""Channel counts an image array may have: grayscale, RGB, RGBA (1 and 4 are converted to RGB by `do_convert_rgb`)."""
 
 
 class FlamingoProcessorKwargs(ProcessingKwargs, total=False):
@@ -50,6 +58,60 @@ def _as_image_list(images: Any) -> list | None:
     return None
 
 
+def _describe_value(value: Any) -> str:
+    """A short description of a value that is not an image, with the fix when it is obvious."""
+    if isinstance(value, str):
+        return (
+            f"a str ({value[:60]!r}); paths and URLs are not loaded, open them first, e.g. with `PIL.Image.open(path)`"
+        )
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes; decode encoded images first, e.g. with `PIL.Image.open(io.BytesIO(data))`"
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return (
+            f"an array with {value.ndim} dimension(s) (shape {tuple(value.shape)}); an image has 2 `(height, width)` "
+            "or 3 `(height, width, channels)` / `(channels, height, width)` dimensions, a stack of images 4"
+        )
+    return f"of type {type(value).__name__}"
+
+
+def _describe_invalid_images(images: Any, path: str = "images", depth: int = 0) -> str:
+    """Says what is wrong with an `images` argument that could not be grouped: its first element that is not an
+    image, or a nesting that is too deep or mixed."""
+    if _is_single_image(images) or (depth < 2 and _is_image_stack(images)):
+        return ""
+    if not isinstance(images, (list, tuple)):
+        return f" `{path}` is {_describe_value(images)}."
+    if depth >= 2:
+        return (
+            f" `{path}` is a {type(images).__name__} nested {depth + 1} deep; images are nested at most two deep "
+            "(one list of images per text)."
+        )
+    for index, element in enumerate(images):
+        problem = _describe_invalid_images(element, f"{path}[{index}]", depth + 1)
+        if problem:
+            return problem
+    return f" `{path}` mixes images and lists of images." if depth == 0 else ""
+
+
+def _data_format(value: Any) -> str | None:
+    """`"channels_first"`, `"channels_last"` or `None` from an `input_data_format` option (str or `ChannelDimension`)."""
+    value = getattr(value, "value", value)
+    return value if value in ("channels_first", "channels_last") else None
+
+
+def _channels_and_size(shape: tuple[int, ...], data_format: str | None) -> tuple[int, tuple[int, ...]]:
+    """The number of channels and the `(height, width)` of an image of `shape`, like transformers infers them
+    (channels first if the first dimension is 1, 3 or 4, else last). If neither end is 1, 3 or 4, the smaller end is
+    taken as the channels, for the error message."""
+    if len(shape) == 2:
+        return 1, shape
+    if data_format == "channels_first" or (data_format is None and shape[0] in _NUM_CHANNELS):
+        return shape[0], shape[1:]
+    if data_format == "channels_last" or shape[-1] in _NUM_CHANNELS or shape[-1] <= shape[0]:
+        return shape[-1], shape[:-1]
+    return shape[0], shape[1:]
+
+
 class FlamingoProcessor(ProcessorMixin):
     r"""
     Constructs a Flamingo processor which wraps an image processor (e.g. [`CLIPImageProcessor`]) and a causal-LM
@@ -80,6 +142,18 @@ class FlamingoProcessor(ProcessorMixin):
             The token that ends an image-text chunk. Generation usually stops on it.
         pad_token (`str`, *optional*, defaults to `"<PAD>"`):
             The padding token added when the tokenizer has none. Ignored if the tokenizer already has a pad token.
+        media_token_id (`int`, *optional*):
+            The id `media_token` must have, e.g. the model's `config.media_token_id`. Checked once the tokens are
+            added; a mismatch raises instead of silently feeding the model the wrong token.
+        eoc_token_id (`int`, *optional*):
+            The id `end_of_chunk_token` must have, e.g. the model's `config.eoc_token_id`. Checked like
+            `media_token_id`.
+
+    The ids depend on the tokenizer's vocabulary before the tokens are added: a tokenizer that already has a pad
+    token (or other added tokens) gives `<image>` and `<|endofchunk|>` other ids than the one the model was
+    converted with. `save_pretrained` therefore records both ids in `processor_config.json`, and `from_pretrained`
+    refuses a tokenizer that gives them other ids. To check a processor built by hand against a model, pass
+    `media_token_id=model.config.media_token_id, eoc_token_id=model.config.eoc_token_id`.
     """
 
     valid_processor_kwargs = FlamingoProcessorKwargs
@@ -93,6 +167,8 @@ class FlamingoProcessor(ProcessorMixin):
         media_token: str = "<image>",
         end_of_chunk_token: str = "<|endofchunk|>",
         pad_token: str = "<PAD>",
+        media_token_id: int | None = None,
+        eoc_token_id: int | None = None,
         **kwargs,
     ):
         if image_processor is None:
@@ -105,8 +181,46 @@ class FlamingoProcessor(ProcessorMixin):
         self.media_token = media_token
         self.end_of_chunk_token = end_of_chunk_token
         self._add_flamingo_special_tokens(tokenizer, pad_token)
+        self._check_token_ids(tokenizer, media_token_id, eoc_token_id)
         tokenizer.padding_side = "left"
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    def _check_token_ids(self, tokenizer: Any, media_token_id: int | None, eoc_token_id: int | None) -> None:
+        """Raises if the tokenizer gives the media or end-of-chunk token another id than expected, or pads with one."""
+        actual = {
+            "media_token_id": (self.media_token, tokenizer.convert_tokens_to_ids(self.media_token), media_token_id),
+            "eoc_token_id": (
+                self.end_of_chunk_token,
+                tokenizer.convert_tokens_to_ids(self.end_of_chunk_token),
+                eoc_token_id,
+            ),
+        }
+        if any(expected is not None and expected != token_id for _, token_id, expected in actual.values()):
+            found = " and ".join(f"`{token}` id {token_id}" for token, token_id, _ in actual.values())
+            wanted = " and ".join(
+                f"`{name}={expected}`" for name, (_, _, expected) in actual.items() if expected is not None
+            )
+            raise ValueError(
+                f"The tokenizer gives {found}, but this processor expects {wanted} (the ids the model uses: its "
+                "`config.media_token_id` / `config.eoc_token_id`, saved in `processor_config.json`). The tokenizer "
+                "most likely had other added tokens (often a pad token) before these were added, which shifts their "
+                "ids. Use the tokenizer saved with the checkpoint, e.g. `FlamingoProcessor.from_pretrained(checkpoint)`."
+            )
+        pad_token_id = tokenizer.pad_token_id
+        for token, token_id, _ in actual.values():
+            if pad_token_id == token_id:
+                raise ValueError(
+                    f"The tokenizer's pad token {tokenizer.pad_token!r} is `{token}` (id {token_id}); padding would "
+                    f"then look like `{token}` to the model. Give the tokenizer another pad token, e.g. "
+                    "`tokenizer.pad_token = tokenizer.eos_token`, or none (the processor then adds `<PAD>`)."
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serializes the processor, recording the ids of the media and end-of-chunk tokens (checked on reload)."""
+        output = super().to_dict()
+        output["media_token_id"] = self.media_token_id
+        output["eoc_token_id"] = self.eoc_token_id
+        return output
 
     def _add_flamingo_special_tokens(self, tokenizer: Any, pad_token: str) -> None:
         """Registers the chunk and media tokens (and a pad token if missing), keeping existing ids and special tokens."""
@@ -174,7 +288,13 @@ class FlamingoProcessor(ProcessorMixin):
                 - a single image or a flat list of images, only when `text` is a single string (or `None`).
 
                 Arrays and tensors are single images when they have 2 or 3 dimensions, and a stack of images when
-                they have 4.
+                they have 4. Every image is checked before any work, and errors name the sample and image index:
+                images must not be empty; arrays need 3 channels, or 1 (grayscale, also `(height, width)`) or 4
+                (RGBA), which are converted to RGB like PIL images of mode `L` and `RGBA` when the image processor's
+                `do_convert_rgb` is set (CLIP's default) and refused otherwise; float values must be finite, integer
+                values within `[0, 255]`, and boolean images are refused. Float images whose values all lie in
+                [0, 1] while `do_rescale=True` log transformers' warning "It looks like you are trying to rescale
+                already rescaled images..." and would be divided by 255 twice: pass `do_rescale=False` for them.
             text (`str` or `list[str]`, *optional*):
                 The text(s) to tokenize, with `<image>` (and usually `<|endofchunk|>`) tokens written inline.
             videos, audio:
@@ -223,16 +343,15 @@ class FlamingoProcessor(ProcessorMixin):
             "return_mm_token_type_ids", merged_kwargs.get("return_mm_token_type_ids", False)
         )
         text_kwargs.pop("return_text_replacement_offsets", None)
-        tensor_type = None if return_tensors is None else str(getattr(return_tensors, "value", return_tensors))
-        if tensor_type not in (None, "pt", "np"):
-            raise ValueError(
-                f"FlamingoProcessor supports `return_tensors` 'pt', 'np' or None, got {return_tensors!r}."
-            )
+        tensor_type = self._check_call_options(return_tensors, text_kwargs)
+        images_per_sample = self._prepare_images(images_per_sample, images_kwargs)
 
         data: dict[str, Any] = {}
         if texts is not None:
             text_inputs = self.tokenizer(texts, return_tensors=None, **text_kwargs)
-            self._check_media_tokens(text_inputs["input_ids"], images_per_sample, text_kwargs.get("truncation"))
+            self._check_media_tokens(
+                text_inputs["input_ids"], images_per_sample, text_kwargs.get("truncation"), texts=texts
+            )
             data.update(text_inputs)
             if return_mm_token_type_ids:
                 data["mm_token_type_ids"] = self.create_mm_token_type_ids(text_inputs["input_ids"])
@@ -244,6 +363,23 @@ class FlamingoProcessor(ProcessorMixin):
         return BatchFeature(data=data, tensor_type=tensor_type)
 
     @staticmethod
+    def _check_call_options(return_tensors: Any, text_kwargs: dict[str, Any]) -> str | None:
+        """Validates `return_tensors` and `padding_side`; returns the tensor type as `"pt"`, `"np"` or `None`."""
+        tensor_type = None if return_tensors is None else str(getattr(return_tensors, "value", return_tensors))
+        if tensor_type not in (None, "pt", "np"):
+            raise ValueError(
+                f"FlamingoProcessor supports `return_tensors` 'pt', 'np' or None, got {return_tensors!r}. "
+                "`pixel_values` is built with torch; convert the outputs yourself for other frameworks."
+            )
+        padding_side = text_kwargs.get("padding_side")
+        if padding_side is not None and padding_side not in ("left", "right"):
+            raise ValueError(
+                f"`padding_side` must be 'left' (for generation, the default) or 'right' (for training), got "
+                f"{padding_side!r}."
+            )
+        return tensor_type
+
+    @staticmethod
     def _normalize_text(text: str | list[str] | None) -> list[str] | None:
         """Returns the texts as a list, or `None` when no text was given."""
         if text is None:
@@ -252,7 +388,16 @@ class FlamingoProcessor(ProcessorMixin):
             return [text]
         if isinstance(text, (list, tuple)) and len(text) > 0 and all(isinstance(sample, str) for sample in text):
             return list(text)
-        raise ValueError("`text` must be a string or a non-empty list of strings.")
+        if not isinstance(text, (list, tuple)):
+            received = f"got {type(text).__name__}"
+        elif len(text) == 0:
+            received = "got an empty list"
+        else:
+            index = next(index for index, sample in enumerate(text) if not isinstance(sample, str))
+            received = f"got a {type(text).__name__} whose element {index} is {type(text[index]).__name__}"
+            if isinstance(text[index], int):
+                received += " (token ids go to the model or the data collator as `input_ids`, not to `text`)"
+        raise ValueError(f"`text` must be a string or a non-empty list of strings, {received}.")
 
     @staticmethod
     def _group_images(images: Any, num_samples: int | None) -> list[list]:
@@ -297,11 +442,82 @@ class FlamingoProcessor(ProcessorMixin):
 
         raise ValueError(
             "`images` must be a PIL image, a NumPy array or torch tensor, a flat list of these (for a single text), "
-            "or a nested list with one list of images per text."
+            "or a nested list with one list of images per text." + _describe_invalid_images(images)
         )
 
+    def _image_option(self, images_kwargs: dict[str, Any], name: str, default: Any) -> Any:
+        """The value of image processor option `name` for this call: the call's, else the image processor's."""
+        value = images_kwargs.get(name)
+        if value is None:
+            value = getattr(self.image_processor, name, None)
+        return default if value is None else value
+
+    def _prepare_images(self, images_per_sample: list[list], images_kwargs: dict[str, Any]) -> list[list]:
+        """
+        Checks every image before any preprocessing and gives 2-D (grayscale) arrays a channel axis.
+
+        PIL images must not be empty and, with `do_convert_rgb=False`, must be RGB. Arrays and tensors must have 3
+        channels, or 1 (grayscale) or 4 (RGBA) with `do_convert_rgb=True`, which converts them to RGB like PIL images
+        of mode `L` and `RGBA`. Their values are checked by [`~image_tokens.check_pixel_values`].
+
+        Raises:
+            ValueError: Naming the sample and image index, what was found and what is expected.
+        """
+        options = {
+            "do_rescale": bool(self._image_option(images_kwargs, "do_rescale", False)),
+            "rescale_factor": float(self._image_option(images_kwargs, "rescale_factor", 1 / 255)),
+            "do_convert_rgb": bool(self._image_option(images_kwargs, "do_convert_rgb", False)),
+            "data_format": _data_format(images_kwargs.get("input_data_format")),
+        }
+        return [
+            [
+                self._prepare_image(image, f"Image {index} of sample {sample}", **options)
+                for index, image in enumerate(sample_images)
+            ]
+            for sample, sample_images in enumerate(images_per_sample)
+        ]
+
+    @staticmethod
+    def _prepare_image(
+        image: Any, name: str, do_rescale: bool, rescale_factor: float, do_convert_rgb: bool, data_format: str | None
+    ) -> Any:
+        """Checks one image (see `_prepare_images`); returns it, with a channel axis if it was 2-D."""
+        if isinstance(image, Image.Image):
+            if image.width == 0 or image.height == 0:
+                raise ValueError(f"{name} is empty ({image.width}x{image.height} pixels); images need pixels.")
+            if not do_convert_rgb and image.mode != "RGB":
+                raise ValueError(
+                    f"{name} is a PIL image in mode {image.mode!r} but `do_convert_rgb=False` keeps it so, and 3 "
+                    "(RGB) channels are expected. Pass `do_convert_rgb=True` or convert it with `image.convert('RGB')`."
+                )
+            return image
+        channels, size = _channels_and_size(tuple(image.shape), data_format)
+        if min(size) == 0:
+            raise ValueError(f"{name} has shape {tuple(image.shape)}: its height and width must be at least 1 pixel.")
+        if channels not in _NUM_CHANNELS or (channels != 3 and not do_convert_rgb):
+            raise ValueError(
+                f"{name} has shape {tuple(image.shape)} with {channels} channel(s); expected 3 (RGB) channels, as "
+                "`(height, width, 3)` or `(3, height, width)` (1 or 4 channels are converted to RGB when "
+                "`do_convert_rgb=True`)."
+            )
+        value_range = check_pixel_values(image, name, do_rescale=do_rescale, rescale_factor=rescale_factor)
+        is_float = image.is_floating_point() if isinstance(image, torch.Tensor) else image.dtype.kind == "f"
+        if channels == 4 and is_float and value_range is not None and (value_range[0] < 0 or value_range[1] > 1):
+            raise ValueError(
+                f"{name} has 4 (RGBA) channels and float values in [{value_range[0]:g}, {value_range[1]:g}]; "
+                "converting RGBA to RGB composites onto white and needs floats in [0, 1] (with `do_rescale=False`) "
+                "or `uint8` values. Drop the alpha channel yourself if it is not transparency."
+            )
+        if image.ndim == 2:
+            return image[..., None] if data_format == "channels_last" else image[None]
+        return image
+
     def _check_media_tokens(
-        self, input_ids: list[list[int]], images_per_sample: list[list], truncation: Any = None
+        self,
+        input_ids: list[list[int]],
+        images_per_sample: list[list],
+        truncation: Any = None,
+        texts: list[str] | None = None,
     ) -> None:
         """Raises a `ValueError` if a sample's number of media tokens differs from its number of images."""
         if len(input_ids) != len(images_per_sample):
@@ -309,12 +525,29 @@ class FlamingoProcessor(ProcessorMixin):
                 f"The tokenizer returned {len(input_ids)} sequences for {len(images_per_sample)} texts; options that "
                 "change the number of sequences (such as `return_overflowing_tokens`) are not supported."
             )
-        truncated = truncation not in (None, False, "do_not_truncate")
-        check_image_token_counts(
-            image_tokens_per_sample(input_ids, self.media_token_id),
-            [len(sample_images) for sample_images in images_per_sample],
-            self.media_token,
-            hint=f" Truncation may have removed `{self.media_token}` tokens." if truncated else "",
+        token_counts = image_tokens_per_sample(input_ids, self.media_token_id)
+        image_counts = [len(sample_images) for sample_images in images_per_sample]
+        if token_counts == image_counts:
+            return
+        hint = ""
+        if truncation not in (None, False, "do_not_truncate"):
+            hint = f" Truncation may have removed `{self.media_token}` tokens."
+        if texts is not None:
+            pairs = enumerate(zip(token_counts, image_counts, strict=True))
+            sample = next(index for index, (num_tokens, num_images) in pairs if num_tokens != num_images)
+            hint += self._misspelling_hint(texts[sample])
+        check_image_token_counts(token_counts, image_counts, self.media_token, hint=hint)
+
+    def _misspelling_hint(self, text: str) -> str:
+        """A hint naming spellings of the media token in `text` that are not the token (`<Image>`, `< image>`)."""
+        core = re.escape(self.media_token.strip("<>").strip())
+        pattern = re.compile(rf"<\s*{core}\s*/?\s*>", re.IGNORECASE) if core else None
+        variants = sorted({match for match in pattern.findall(text) if match != self.media_token}) if pattern else []
+        if not variants:
+            return ""
+        return (
+            f" Its text contains {', '.join(repr(variant) for variant in variants)}, which is not the media token "
+            f"{self.media_token!r}: write it exactly so."
         )
 
     def _pack_images(self, images_per_sample: list[list], images_kwargs: dict) -> torch.Tensor | None:
@@ -328,13 +561,36 @@ class FlamingoProcessor(ProcessorMixin):
         Returns:
             `torch.Tensor` of shape `(batch_size, max_num_images, num_channels, height, width)`, zero-padded on the
             image axis, or `None` if there are no images.
+
+        Raises:
+            ValueError: If the images do not all have the same shape after preprocessing (e.g. with
+                `do_resize=False` or `do_center_crop=False`), naming the first two that differ.
         """
         counts = [len(sample_images) for sample_images in images_per_sample]
         if sum(counts) == 0:
             return None
         flat_images = [image for sample_images in images_per_sample for image in sample_images]
-        processed = self.image_processor(flat_images, return_tensors="pt", **images_kwargs)["pixel_values"]
-        return stack_images_per_sample(torch.as_tensor(processed).split(counts))
+        processed = self.image_processor(flat_images, return_tensors=None, **images_kwargs)["pixel_values"]
+        if isinstance(processed, (np.ndarray, torch.Tensor)):
+            stacked = torch.as_tensor(processed)
+        else:
+            processed = [torch.as_tensor(image) for image in processed]
+            self._check_processed_shapes(processed, counts)
+            stacked = torch.stack(processed)
+        return stack_images_per_sample(stacked.split(counts))
+
+    @staticmethod
+    def _check_processed_shapes(processed: list[torch.Tensor], counts: list[int]) -> None:
+        """Raises if the preprocessed images differ in shape, naming the sample and index of the first two."""
+        names = [f"image {index} of sample {sample}" for sample, count in enumerate(counts) for index in range(count)]
+        for position, image in enumerate(processed):
+            if image.shape != processed[0].shape:
+                raise ValueError(
+                    f"After preprocessing, {names[position]} has shape {tuple(image.shape)} but {names[0]} has "
+                    f"{tuple(processed[0].shape)}; all images must have the same size to be stacked. Keep "
+                    "`do_resize=True` and `do_center_crop=True` (the image processor's defaults) or resize the "
+                    "images to one size yourself."
+                )
 
 
 __all__ = ["FlamingoProcessor"]

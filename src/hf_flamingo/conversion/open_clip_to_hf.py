@@ -103,9 +103,17 @@ def _load_state_dict(path: str) -> dict[str, Any]:
         from safetensors.torch import load_file
 
         return load_file(path, device="cpu")
+    import pickle
+
     import torch
 
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} contains objects other than tensors and plain containers, so it was not unpickled (only "
+            "`torch.load(weights_only=True)` is used, for safety); an open_clip checkpoint is a dict of tensors."
+        ) from error
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
@@ -114,13 +122,21 @@ def _load_state_dict(path: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the conversion; returns the process exit code (0 on success)."""
+    """Runs the conversion; returns the process exit code.
+
+    Returns:
+        `int`: 0 on success, 1 for bad input (one `convert_open_clip_to_hf: error: ...` line on stderr), 2 for usage
+        errors (an existing `--output-dir` without `--overwrite`, a missing `--checkpoint`).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         output_dir = check_output_dir(args.output_dir, args.overwrite)
     except FileExistsError as error:
         parser.error(str(error))
+    except OSError as error:  # a parent that is a file, no write permission: checked before any work
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
     if not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint!r}: no such file.")
 
@@ -156,8 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_processor.save_pretrained(directory)
 
         written = write_directory_atomically(output_dir, write, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (OSError, ValueError) as error:
+        print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     print(
         f"Wrote {type(model).__name__} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "

@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -98,6 +99,16 @@ class ConversionReport:
 # Reading
 
 
+def _unpickler_detail(error: pickle.UnpicklingError) -> str:
+    """The reason in torch's weights-only refusal, on one line, without its advice to retry with
+    `weights_only=False` (which would run the file's code)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    detail = text.split(marker, 1)[1] if marker in text else text
+    detail = detail.split("Check the documentation of torch.load", 1)[0]
+    return " ".join(detail.split()) or type(error).__name__
+
+
 def load_openflamingo_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Reads an OpenFlamingo checkpoint safely (`torch.load(weights_only=True)`, or safetensors).
 
@@ -126,12 +137,15 @@ def load_openflamingo_checkpoint(path: str | os.PathLike) -> dict[str, torch.Ten
         except Exception as error:  # safetensors raises its own error types for damaged headers
             raise CheckpointError(f"Could not read the safetensors file {str(path)!r}: {error}") from error
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():
+            # torch warns about plain-pickle protocols before refusing them; the refusal below says all there is.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{str(path)!r} contains objects other than tensors and plain containers, so it was not unpickled "
             f"(only `torch.load(weights_only=True)` is used, for safety). An OpenFlamingo checkpoint is a dict of "
-            f"tensors. Details: {error}"
+            f"tensors. Details: {_unpickler_detail(error)}"
         ) from error
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise CheckpointError(

@@ -1,6 +1,12 @@
 """End-to-end OpenFlamingo -> Hub conversion: checkpoint + backbones + tokenizer in, a loadable directory out.
 
 Command line: `python conversion/convert_openflamingo_to_hf.py --help` (or `hf-flamingo convert --help`).
+
+The command line checks its input before any conversion work: a missing checkpoint or backbone directory, an existing
+`--output-dir` (without `--overwrite`), an output location that cannot be written, a bad `--max-shard-size` or
+`--cross-attn-every-n-layers` are reported in one line (exit code 1; 2 for usage errors). The output is written
+atomically (`writing.write_directory_atomically`): an interrupted conversion leaves no output, and the partial
+directory of a killed one is removed by the next conversion into the same `--output-dir`.
 """
 
 from __future__ import annotations
@@ -32,7 +38,12 @@ from .openflamingo import (
     map_openflamingo_state_dict,
 )
 from .releases import OPENFLAMINGO_RELEASES, OpenFlamingoRelease, get_release
-from .writing import check_output_dir, push_directory_to_hub, write_directory_atomically
+from .writing import (
+    check_output_dir,
+    push_directory_to_hub,
+    remove_stale_partial_dirs,
+    write_directory_atomically,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -299,12 +310,41 @@ def push_converted_model(
     )
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]B)", re.IGNORECASE)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _shard_size(text: str) -> str | int:
+    """argparse type: a size in bytes, or with a unit as `save_pretrained` takes it (`"500MB"`, `"5GB"`)."""
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    match = _SIZE.fullmatch(text.strip())
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive size such as 500MB or 5GB (units KB, MB, GB, TB), got {text!r}"
+        )
+    return text.strip().upper()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `convert` command line."""
     parser = argparse.ArgumentParser(
         prog="convert_openflamingo_to_hf",
         description="Convert an OpenFlamingo v2 checkpoint.pt into a Transformers directory loadable with "
-        "AutoModelForImageTextToText.from_pretrained (no OpenFlamingo, open_clip or remote code needed).",
+        "AutoModelForImageTextToText.from_pretrained (no OpenFlamingo, open_clip or remote code needed). The output "
+        "is written atomically: an interrupted conversion leaves no --output-dir, and a hidden "
+        ".<output-dir>.<pid>-<hex>.partial directory left by a killed one is removed by the next conversion into the "
+        "same --output-dir.",
     )
     parser.add_argument(
         "--checkpoint",
@@ -322,21 +362,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cross-attn-every-n-layers",
-        type=int,
+        type=_positive_int,
         help="Without --release: the interval of the cross-attention layers (default: inferred from the checkpoint).",
     )
     parser.add_argument("--output-dir", required=True, help="Directory to write (must not exist unless --overwrite).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the saved weights.")
-    parser.add_argument("--max-shard-size", default="5GB", help="Largest safetensors shard (default 5GB).")
+    parser.add_argument(
+        "--max-shard-size", type=_shard_size, default="5GB", help="Largest safetensors shard (default 5GB)."
+    )
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="Also upload the directory to this Hub repository.")
     parser.add_argument("--private", action="store_true", help="With --push-to-hub: create a private repository.")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the converter; returns the process exit code."""
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Runs the converter; returns the process exit code.
+
+    Args:
+        argv (`Sequence[str]`, *optional*): The arguments (default: `sys.argv[1:]`).
+        prog (`str`, *optional*): The program name in usage and error messages (`hf-flamingo convert` when run
+            through the `hf-flamingo` command).
+
+    Returns:
+        `int`: 0 on success, 1 for bad input (one `<prog>: error: ...` line on stderr), 2 for usage errors.
+    """
     parser = build_parser()
+    if prog is not None:
+        parser.prog = prog
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.release is None and (args.vision_model is None or args.language_model is None):
@@ -347,30 +404,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         output_dir = check_output_dir(args.output_dir, args.overwrite)
     except FileExistsError as error:
         parser.error(str(error))
-    release = get_release(args.release) if args.release else None
+    except OSError as error:
+        print(f"{parser.prog}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    remove_stale_partial_dirs(output_dir)
     try:
-        model, processor, report = convert_openflamingo_checkpoint(
-            args.checkpoint,
-            release=release,
-            vision_model=args.vision_model,
-            language_model=args.language_model,
-            tokenizer=args.tokenizer,
-            cross_attn_every_n_layers=args.cross_attn_every_n_layers,
-            dtype=args.dtype,
-        )
-        card = model_card(
-            model,
-            report,
-            release=release,
-            vision_model=str(args.vision_model or release.vision_model),
-            language_model=str(args.language_model or release.language_model),
-            repo_id=args.push_to_hub,
-        )
-        written = save_converted_model(
-            model, processor, output_dir, card=card, overwrite=args.overwrite, max_shard_size=args.max_shard_size
-        )
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        written, report = _convert_and_save(args, output_dir)
+    except (CheckpointError, OSError, ValueError) as error:
+        print(f"{parser.prog}: error: {_one_line(error)}", file=sys.stderr)
         return 1
     print(
         f"Wrote {written}: {len(report.loaded_keys)} weights from the checkpoint, {len(report.backbone_keys)} from "
@@ -380,6 +421,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         push_converted_model(written, args.push_to_hub, private=args.private)
         print(f"Uploaded to https://huggingface.co/{args.push_to_hub}")
     return 0
+
+
+def _convert_and_save(args: argparse.Namespace, output_dir: Path) -> tuple[Path, ConversionReport]:
+    """The conversion behind `main`: converts, writes the model card and saves into `output_dir`."""
+    release = get_release(args.release) if args.release else None
+    model, processor, report = convert_openflamingo_checkpoint(
+        args.checkpoint,
+        release=release,
+        vision_model=args.vision_model,
+        language_model=args.language_model,
+        tokenizer=args.tokenizer,
+        cross_attn_every_n_layers=args.cross_attn_every_n_layers,
+        dtype=args.dtype,
+    )
+    card = model_card(
+        model,
+        report,
+        release=release,
+        vision_model=str(args.vision_model or release.vision_model),
+        language_model=str(args.language_model or release.language_model),
+        repo_id=args.push_to_hub,
+    )
+    written = save_converted_model(
+        model, processor, output_dir, card=card, overwrite=args.overwrite, max_shard_size=args.max_shard_size
+    )
+    return written, report
 
 
 __all__ = [

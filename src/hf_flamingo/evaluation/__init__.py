@@ -16,7 +16,15 @@ from .datasets import (
 from .demonstrations import RICES, RandomDemonstrations, VisionTowerEncoder
 from .inference import class_log_likelihoods, generate_batch
 from .metrics import compute_cider, compute_vqa_accuracy, normalize_vqa_answer, roc_auc_score, vqa_accuracy
-from .runner import TASKS, EvaluationConfig, EvaluationResults, ShotResult, evaluate
+from .runner import (
+    TASKS,
+    EvaluationConfig,
+    EvaluationData,
+    EvaluationResults,
+    ShotResult,
+    evaluate,
+    load_evaluation_data,
+)
 from .tasks import CaptioningTask, ClassificationTask, EvaluationTask, HatefulMemesTask, ImageNetTask, VQATask
 
 __all__ = [
@@ -25,6 +33,7 @@ __all__ = [
     "DatasetFormatError",
     "EvalExample",
     "EvaluationConfig",
+    "EvaluationData",
     "EvaluationResults",
     "EvaluationTask",
     "HatefulMemesTask",
@@ -42,6 +51,7 @@ __all__ = [
     "evaluate",
     "generate_batch",
     "load_coco_style_references",
+    "load_evaluation_data",
     "load_hateful_memes",
     "load_image",
     "load_image_folder",

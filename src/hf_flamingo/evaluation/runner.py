@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import platform
 import random
 import statistics
@@ -42,10 +43,51 @@ from .datasets import EvalExample, load_image
 from .demonstrations import RICES, ImageEncoder, RandomDemonstrations, VisionTowerEncoder
 from .tasks import TASK_CLASSES, EvaluationTask
 
-__all__ = ["EvaluationConfig", "EvaluationResults", "ShotResult", "TASKS", "evaluate"]
+__all__ = [
+    "EvaluationConfig",
+    "EvaluationData",
+    "EvaluationResults",
+    "ShotResult",
+    "TASKS",
+    "evaluate",
+    "load_evaluation_data",
+]
 
 TASKS = tuple(TASK_CLASSES)
 """The task names `EvaluationConfig.task` accepts."""
+
+
+def _check_integer(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__}).")
+
+
+def _check_at_least(name: str, value: Any, minimum: int) -> None:
+    _check_integer(name, value)
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+
+
+def _unique_integers(name: str, values: Sequence[int], minimum: int | None = None) -> tuple[int, ...]:
+    """`values` as a tuple, refusing an empty list, non-integers, values below `minimum` and duplicates (a repeated
+    number of shots or seed would run the same trials twice and count them twice in the mean)."""
+    try:
+        items = [] if isinstance(values, (numbers.Number, str)) else list(values)
+    except TypeError:
+        items = []
+    if not items:
+        raise ValueError(f"`{name}` must be a non-empty list of integers, got {values!r}.")
+    values = items
+    for value in values:
+        if minimum is None:
+            _check_integer(name, value)
+        else:
+            _check_at_least(name, value, minimum)
+    values = [int(value) for value in values]
+    duplicates = sorted({value for value in values if values.count(value) > 1})
+    if duplicates:
+        raise ValueError(f"`{name}` lists {duplicates} more than once ({values}); give each value once.")
+    return tuple(values)
 
 
 @dataclass
@@ -61,15 +103,18 @@ class EvaluationConfig:
 
     Args:
         task (`str`): One of `TASKS`.
-        shots (`Sequence[int]`, defaults to `(0, 4, 8, 16, 32)`): Numbers of demonstrations (0: 2 text-only ones).
-        seeds (`Sequence[int]`, defaults to `(42,)`): One trial per seed (the paper used 3).
-        num_samples (`int`, defaults to -1): Test examples per trial, drawn with the trial's seed; -1: all.
+        shots (`Sequence[int]`, defaults to `(0, 4, 8, 16, 32)`): Numbers of demonstrations (0: 2 text-only ones),
+            each at most once.
+        seeds (`Sequence[int]`, defaults to `(42,)`): One trial per seed (the paper used 3), each at most once.
+        num_samples (`int`, defaults to -1): Test examples per trial (>= 1), drawn with the trial's seed; -1: all.
         batch_size (`int`, defaults to 8): Prompts per batch.
         query_set_size (`int`, defaults to 2048): Random demonstrations come from this many training examples.
         rices (`bool`, defaults to False): Choose demonstrations by RICES on the model's vision tower features.
-        rices_cache_dir (`str`, *optional*): Folder for the cached RICES features (`<task>.safetensors`).
+        rices_cache_dir (`str`, *optional*): Folder for the cached RICES features (`<task>.safetensors`); only
+            with `rices=True`.
         rices_vision_model (`str`, *optional*): A CLIP model (directory or Hub id) whose projected image embeddings
             RICES compares (OpenFlamingo: `openai/clip-vit-large-patch14`); default: the Flamingo's own vision tower.
+            Only with `rices=True`.
         precision (`str`, defaults to `"fp32"`): `"fp32"`, or `"amp_bf16"` (bf16 autocast, OpenFlamingo's setting).
         max_new_tokens (`int`, *optional*): Overrides the task's generation length (20 / 5 / TextVQA 10).
         num_beams (`int`, defaults to 3): Beams for captioning and VQA.
@@ -111,20 +156,35 @@ class EvaluationConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}.")
-        if not self.shots or any(shot < 0 for shot in self.shots):
-            raise ValueError(f"shots must be a non-empty list of numbers >= 0, got {list(self.shots)}.")
-        if not self.seeds:
-            raise ValueError("seeds must not be empty.")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        self.shots = _unique_integers("shots", self.shots, minimum=0)
+        self.seeds = _unique_integers("seeds", self.seeds)
+        for name in ("batch_size", "query_set_size", "num_beams"):
+            _check_at_least(name, getattr(self, name), 1)
+        if self.max_new_tokens is not None:
+            _check_at_least("max_new_tokens", self.max_new_tokens, 1)
+        _check_integer("num_samples", self.num_samples)
+        if self.num_samples < 1 and self.num_samples != -1:
+            raise ValueError(f"`num_samples` must be >= 1, or -1 for all test examples, got {self.num_samples}.")
         if self.precision not in ("fp32", "amp_bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'amp_bf16', got {self.precision!r}.")
-        self.shots = tuple(int(shot) for shot in self.shots)
-        self.seeds = tuple(int(seed) for seed in self.seeds)
+            raise ValueError(f"`precision` must be 'fp32' or 'amp_bf16', got {self.precision!r}.")
+        self._check_rices_options()
         required = self.required_paths()
         missing = [name for name in required if getattr(self, name) is None]
         if missing:
             raise ValueError(f"task {self.task!r} needs {', '.join(missing)}.")
+
+    def _check_rices_options(self) -> None:
+        for name in ("rices_cache_dir", "rices_vision_model"):
+            if getattr(self, name) is not None and not self.rices:
+                raise ValueError(
+                    f"`{name}` is set but demonstrations are chosen at random; pass `rices=True` to use RICES, or "
+                    f"drop `{name}`."
+                )
+        if self.rices_cache_dir is not None and Path(self.rices_cache_dir).is_file():
+            raise ValueError(
+                f"`rices_cache_dir` {self.rices_cache_dir!r} is a file; expected a folder (it is created if missing) "
+                f"for the cached features `{self.task}.safetensors`."
+            )
 
     def required_paths(self) -> tuple[str, ...]:
         """Names of the path fields this task cannot run without."""
@@ -196,6 +256,61 @@ class EvaluationResults:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+
+
+@dataclass
+class EvaluationData:
+    """A task with its data loaded and checked against the configuration (see [`load_evaluation_data`]).
+
+    Args:
+        task (`EvaluationTask`): The task object (it keeps what its `load` read, e.g. class names).
+        pool (`list[EvalExample]`): The demonstration pool (training split).
+        test (`list[EvalExample]`): The test examples.
+    """
+
+    task: EvaluationTask
+    pool: list[EvalExample]
+    test: list[EvalExample]
+
+
+def load_evaluation_data(config: EvaluationConfig) -> EvaluationData:
+    """Reads the task's data set files and checks them against `config`, without any model.
+
+    Call it before loading a model to find bad data files, an empty test split or too few demonstrations at once;
+    [`evaluate`] calls it when it is not given the result.
+
+    Raises:
+        DatasetFormatError: if a data set file is missing or malformed.
+        ValueError: if the test split is empty, or the demonstration pool is smaller than the largest number of
+            demonstrations `config.shots` asks for.
+    """
+    task = TASK_CLASSES[config.task](config)
+    pool, test = task.load()
+    if not test:
+        raise ValueError(f"the {config.task} test split is empty.")
+    _check_demonstration_pool(config, len(pool))
+    return EvaluationData(task, pool, test)
+
+
+def _check_demonstration_pool(config: EvaluationConfig, pool_size: int) -> None:
+    """Every trial draws `effective_num_shots(shots)` demonstrations per query from the pool (random: from a query
+    set of `min(query_set_size, pool size)` examples)."""
+    largest = max(config.shots, key=prompts.effective_num_shots)
+    needed = prompts.effective_num_shots(largest)
+    available = pool_size if config.rices else min(config.query_set_size, pool_size)
+    if needed <= available:
+        return
+    if largest:
+        what = f"{largest} shots need {needed} demonstrations per query"
+    else:
+        what = f"0 shots use {needed} text-only demonstrations per query"
+    if available < pool_size:
+        where = f"only {available} of the {pool_size} examples of the {config.task} demonstration pool are drawn"
+        fix = f"raise `query_set_size` (currently {config.query_set_size}) or use fewer `shots`"
+    else:
+        where = f"the {config.task} demonstration pool (its training split) has only {pool_size} examples"
+        fix = f"use at most {pool_size} `shots`" if largest else f"0-shot prompts need at least {needed} examples"
+    raise ValueError(f"{what}, but {where}; {fix}.")
 
 
 def _batches(items: Sequence[EvalExample], size: int) -> list[list[EvalExample]]:
@@ -281,6 +396,7 @@ def evaluate(
     progress: bool = True,
     rices_encoder: ImageEncoder | None = None,
     cpu_fast_path: bool = True,
+    data: EvaluationData | None = None,
 ) -> EvaluationResults:
     """Runs one task at every number of shots and seed of `config`.
 
@@ -294,15 +410,18 @@ def evaluate(
             `config.rices_vision_model`.
         cpu_fast_path (`bool`, defaults to True): Run the trials inside [`hf_flamingo.cpu_fast_path`] (float32 CPU
             inference products on oneDNN; no effect on other devices or dtypes).
+        data ([`EvaluationData`], *optional*): The task's data, from [`load_evaluation_data`]`(config)` (e.g. loaded
+            before the model, to find data problems first); default: loaded here, before any model call.
 
     Returns:
         [`EvaluationResults`].
     """
+    if data is None:
+        data = load_evaluation_data(config)
+    elif data.task.config is not config:
+        raise ValueError("`data` was loaded for another `EvaluationConfig`; pass `load_evaluation_data(config)`.")
     model.eval()
-    task = TASK_CLASSES[config.task](config)
-    pool, test = task.load()
-    if not test:
-        raise ValueError(f"the {config.task} test split is empty.")
+    task, pool, test = data.task, data.pool, data.test
     rices = _build_rices(model, processor, config, pool, rices_encoder) if config.rices else None
 
     results = []
