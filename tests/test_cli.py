@@ -156,6 +156,15 @@ def test_top_level_help_lists_the_subcommands(capsys):
     assert "demo" not in output  # the quick-start is example code: examples/quickstart.py
 
 
+def test_version(capsys):
+    from hf_flamingo import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"hf-flamingo {__version__}\n"
+
+
 def test_convert(runs, files):
     result = runs["convert_help"]
     assert result.returncode == 0, result.stderr

@@ -619,6 +619,16 @@ def test_config_without_media_token_id():
         FlamingoForConditionalGeneration(config)
 
 
+def test_config_image_token_id_is_the_media_token_id(tmp_path):
+    config = flamingo_config("llama", media_token_id=7)
+    assert config.image_token_id == 7
+    config.image_token_id = 9  # set under transformers' name, stored once under ours
+    assert config.media_token_id == 9 and "image_token_id" not in config.to_dict()
+    config.save_pretrained(tmp_path)
+    assert FlamingoConfig.from_pretrained(tmp_path).image_token_id == 9
+    assert flamingo_config("llama", media_token_id=None, image_token_id=11).media_token_id == 11
+
+
 def test_forward_without_input_ids(llama_model):
     with pytest.raises(ValueError, match="needs `input_ids`"):
         llama_model(pixel_values=random_pixels(2, 1))

@@ -200,7 +200,10 @@ _COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser. `convert` takes its options from the converter's own parser."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog=PROG, description="Flamingo models, native to Hugging Face transformers.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in _COMMANDS.items():
         if name == "convert":

@@ -142,7 +142,8 @@ class FlamingoConfig(PretrainedConfig):
             In both modes, tokens before the first image get exactly zero cross-attention output (OpenFlamingo gives
             them a uniform average over all images in the non-immediate mode; this implementation does not).
         media_token_id (`int`, *optional*):
-            Id of the `<image>` token that marks where an image appears in the text.
+            Id of the `<image>` token that marks where an image appears in the text (also readable and settable as
+            `image_token_id`, the name transformers' vision-language models use).
         eoc_token_id (`int`, *optional*):
             Id of the `<|endofchunk|>` token that ends an image-text chunk.
         vision_feature_layer (`int`, *optional*, defaults to -1):
@@ -178,6 +179,9 @@ class FlamingoConfig(PretrainedConfig):
 
     model_type = "flamingo"
     sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
+    # transformers' vision-language models call the image placeholder's id `image_token_id`; tools built for them
+    # read (and may set) it under that name.
+    attribute_map = {"image_token_id": "media_token_id"}
     # Output keys `Trainer` leaves out of predictions: the cache, under its name before and after transformers 5.24.
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
