@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPImageProcessorPil
 from transformers.feature_extraction_utils import BatchFeature
 
-from .image_tokens import check_pixel_values
+from .image_tokens import check_raw_image_values
 
 
 def _image_arrays(images: Any) -> list[np.ndarray | torch.Tensor]:
@@ -36,7 +36,7 @@ class FlamingoImageProcessor(CLIPImageProcessorPil):
     Saved with `save_pretrained`, it reloads as itself through `AutoImageProcessor` / `AutoProcessor` (whichever
     `backend` is requested: the torchvision backend's resize differs from open_clip's by up to one 8-bit level).
 
-    Before preprocessing, image arrays and tensors are checked (see [`~image_tokens.check_pixel_values`]): NaN or
+    Before preprocessing, image arrays and tensors are checked (see [`~image_tokens.check_raw_image_values`]): NaN or
     infinite values raise a `ValueError`, and float images whose values all lie in [0, 1] while `do_rescale=True`
     log transformers' warning "It looks like you are trying to rescale already rescaled images..." (they would be
     divided by 255 a second time: pass `do_rescale=False` for them).
@@ -48,7 +48,7 @@ class FlamingoImageProcessor(CLIPImageProcessorPil):
         do_rescale = self.do_rescale if do_rescale is None else do_rescale
         rescale_factor = kwargs.get("rescale_factor") or self.rescale_factor or 1 / 255
         for index, array in enumerate(_image_arrays(images)):
-            check_pixel_values(array, f"Image {index}", do_rescale=bool(do_rescale), rescale_factor=rescale_factor)
+            check_raw_image_values(array, f"Image {index}", do_rescale=bool(do_rescale), rescale_factor=rescale_factor)
         return super().preprocess(images, *args, **kwargs)
 
     def center_crop(self, image: np.ndarray, size: Any, **kwargs: Any) -> np.ndarray:

@@ -4,7 +4,7 @@ Every image has exactly one `<image>` token, placed where the image appears in t
 given in the order of their tokens. A batch's images are one tensor `(batch_size, max_num_images, ...)`: each
 sample's own images first, then zeros up to the largest number of images of any sample.
 
-It also holds the numerical checks every image array goes through before preprocessing (`check_pixel_values`), shared
+It also holds the numerical checks every image array goes through before preprocessing (`check_raw_image_values`), shared
 by `FlamingoProcessor` and `FlamingoImageProcessor`.
 """
 
@@ -103,7 +103,7 @@ def _value_range(image: np.ndarray | torch.Tensor) -> tuple[float, float]:
     return float(np.min(image)), float(np.max(image))
 
 
-def check_pixel_values(
+def check_raw_image_values(
     image: np.ndarray | torch.Tensor,
     name: str,
     do_rescale: bool,

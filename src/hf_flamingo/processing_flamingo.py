@@ -17,7 +17,7 @@ from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
 from .image_tokens import (
     check_image_token_counts,
-    check_pixel_values,
+    check_raw_image_values,
     image_tokens_per_sample,
     stack_images_per_sample,
 )
@@ -458,7 +458,7 @@ class FlamingoProcessor(ProcessorMixin):
 
         PIL images must not be empty and, with `do_convert_rgb=False`, must be RGB. Arrays and tensors must have 3
         channels, or 1 (grayscale) or 4 (RGBA) with `do_convert_rgb=True`, which converts them to RGB like PIL images
-        of mode `L` and `RGBA`. Their values are checked by [`~image_tokens.check_pixel_values`].
+        of mode `L` and `RGBA`. Their values are checked by [`~image_tokens.check_raw_image_values`].
 
         Raises:
             ValueError: Naming the sample and image index, what was found and what is expected.
@@ -500,7 +500,7 @@ class FlamingoProcessor(ProcessorMixin):
                 "`(height, width, 3)` or `(3, height, width)` (1 or 4 channels are converted to RGB when "
                 "`do_convert_rgb=True`)."
             )
-        value_range = check_pixel_values(image, name, do_rescale=do_rescale, rescale_factor=rescale_factor)
+        value_range = check_raw_image_values(image, name, do_rescale=do_rescale, rescale_factor=rescale_factor)
         is_float = image.is_floating_point() if isinstance(image, torch.Tensor) else image.dtype.kind == "f"
         if channels == 4 and is_float and value_range is not None and (value_range[0] < 0 or value_range[1] > 1):
             raise ValueError(
