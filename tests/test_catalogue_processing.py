@@ -68,7 +68,7 @@ PROCESSOR_ERRORS = [
     # `images`: types and grouping
     pytest.param(
         lambda p: p(images="photo.png", text="<image>a"),
-        ["`images` must be a PIL image", "`images` is a str ('photo.png')", "PIL.Image.open(path)"],
+        ["Could not load `images` ('photo.png') as an image", "a valid path to an image file"],
         id="images-path-string",
     ),
     pytest.param(
@@ -92,8 +92,11 @@ PROCESSOR_ERRORS = [
         id="images-mixed-nesting",
     ),
     pytest.param(
-        lambda p: p(images=[IMAGE, IMAGE], text=["<image>a", "<image>b"]),
-        ["Got a flat list of 2 image(s) for 2 texts, which is ambiguous", "images=[[img_a, img_b], [img_c], []]"],
+        lambda p: p(images=[IMAGE, IMAGE], text=["<image>a", "b"]),
+        [
+            "Got a flat list of 2 image(s) for 2 texts with 1 `<image>` token(s) in all (per text: [1, 0])",
+            "images=[[img_a, img_b], [img_c], []]",
+        ],
         id="images-flat-list-for-several-texts",
     ),
     pytest.param(

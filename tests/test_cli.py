@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from evaluation_fixtures import build_tiny_flamingo, single_torch_thread, write_benchmark
 from helpers import make_test_image
 
@@ -41,6 +42,21 @@ def files(tmp_path_factory):
     (root / "bad.jsonl").write_text(json.dumps({"image": "image_0.png", "text": "ok"}) + "\n{oops\n")
     (root / "not_an_image.png").write_text("plain text")
     return {"root": root, "vqav2": write_benchmark("vqav2", root), "model": model, "processor": processor}
+
+
+def _generate_args(files) -> list[str]:
+    """`generate` of the tiny model: two examples, 12 new tokens (no `--num-beams`)."""
+    root = files["root"]
+    return ["generate", str(root / "model"), "--examples", str(root / "examples.jsonl")] + [
+        "--image",
+        str(root / "image_1.png"),
+        "--caption",
+        "A blue bird.",
+        "--query-image",
+        str(root / "image_2.png"),
+        "--max-new-tokens",
+        "12",
+    ]
 
 
 def _commands(files) -> dict[str, list[str]]:
@@ -76,6 +92,8 @@ def _commands(files) -> dict[str, list[str]]:
             "4",
             "--show-prompt",
         ],
+        "generate_greedy": script + [*_generate_args(files), "--num-beams", "1"],
+        "generate_stream": script + [*_generate_args(files), "--stream"],
         "generate_bad_jsonl": script
         + ["generate", model_dir, "--examples", str(root / "bad.jsonl"), "--query-image", str(root / "image_2.png")],
         "eval": script
@@ -169,7 +187,10 @@ def test_convert(runs, files):
     result = runs["convert_help"]
     assert result.returncode == 0, result.stderr
     assert "usage: hf-flamingo convert" in result.stdout and "--release" in result.stdout
-    _assert_clean_failure(runs["convert_missing_checkpoint"], "no_vision")
+    _assert_clean_failure(runs["convert_missing_checkpoint"])
+    assert runs["convert_missing_checkpoint"].stderr.splitlines() == [
+        f"hf-flamingo convert: error: The vision model directory '{files['root'] / 'no_vision'}' does not exist."
+    ]
     assert not (files["root"] / "converted").exists()
 
 
@@ -184,6 +205,64 @@ def test_generate_builds_the_captioning_prompt_and_prints_the_caption(runs, file
     settings = prompts.GenerationSettings(max_new_tokens=4, num_beams=3)
     expected = generate_batch(files["model"], files["processor"], [prompt], [images], settings)[0]
     assert result.stdout.rstrip("\n") == prompts.postprocess_caption(expected).strip()
+
+
+def test_generate_stream_prints_the_greedy_caption(runs, files):
+    """`--stream` decodes greedily (its default `--num-beams` is 1) and streams exactly the caption that
+    `--num-beams 1` prints, which is the in-process greedy caption."""
+    streamed, greedy = runs["generate_stream"], runs["generate_greedy"]
+    assert streamed.returncode == 0, streamed.stderr
+    assert greedy.returncode == 0, greedy.stderr
+    assert streamed.stdout == greedy.stdout
+    prompt = "<image>Output:A red fox.<|endofchunk|>\n<image>Output:A blue bird.<|endofchunk|>\n<image>Output:"
+    images = [load_image(files["root"] / f"image_{seed}.png") for seed in range(3)]
+    settings = prompts.GenerationSettings(max_new_tokens=12, num_beams=1)
+    expected = prompts.postprocess_caption(
+        generate_batch(files["model"], files["processor"], [prompt], [images], settings)[0]
+    ).strip()
+    assert expected and streamed.stdout == expected + "\n"
+
+
+def test_stream_refuses_beam_search(files, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*_generate_args(files), "--stream", "--num-beams", "3"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "hf-flamingo generate: error: argument --stream: streaming needs greedy decoding (--num-beams 1), got "
+        "--num-beams 3; transformers' streamers follow one sequence, not a beam search"
+    )
+
+
+class _Tokenizer:
+    """Enough of a tokenizer for `TextStreamer`: token ids are indices into a list of text pieces."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, **kwargs):
+        return "".join(self.pieces[i] for i in ([ids] if isinstance(ids, int) else ids))
+
+
+@pytest.mark.parametrize(
+    "pieces, caption",
+    [
+        ([" ", ' "A', " red ", "fox. Out", "put", ":more", " text"], "A red fox."),  # cut at a split "Output"
+        (["A", " Out", "er ", "space ", " "], "A Outer space"),  # "Out" that does not become "Output"
+        (["  ", "\n"], ""),
+    ],
+)
+def test_caption_streamer_prints_the_postprocessed_caption(pieces, caption, capsys):
+    """What `TextStreamer` finalises piece by piece, the streamer prints as `postprocess_caption(text).strip()`,
+    never printing text that a later piece cuts."""
+    streamer = cli._CaptionStreamer(_Tokenizer(pieces))
+    streamer.put(torch.tensor([[0]]))  # the prompt, skipped
+    printed = []
+    for index in range(len(pieces)):
+        streamer.put(torch.tensor([index]))
+        printed.append(capsys.readouterr().out)
+        assert caption.startswith("".join(printed)), printed
+    streamer.end()
+    assert "".join(printed) + capsys.readouterr().out == caption + "\n"
 
 
 def test_generate_bad_jsonl(runs):

@@ -77,7 +77,9 @@ def test_converted_tokenizer_matches_openflamingo(converted):
     assert converted.model.config.media_token_id == converted.oracle.media_token_id
     assert converted.model.config.eoc_token_id == converted.oracle.eoc_token_id
     assert converted.model.get_input_embeddings().weight.shape[0] == 323
-    assert converted.model.generation_config.eos_token_id == converted.oracle.eoc_token_id
+    # Stops where OpenFlamingo's `generate` stops (`<|endofchunk|>`), then at the language model's eos.
+    lm_eos = converted.oracle_tokenizer.eos_token_id
+    assert converted.model.generation_config.eos_token_id == [converted.oracle.eoc_token_id, lm_eos]
 
 
 def test_logits_match_openflamingo(converted):

@@ -104,7 +104,12 @@ def test_cli_missing_backbone_directory(files, tmp_path):
         output_dir,
     )
     assert result.returncode == 1
-    assert "The vision model directory" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert error_lines == [
+        f"convert_openflamingo_to_hf: error: The vision model directory '{tmp_path / 'no-such-vision-model'}' "
+        "does not exist."
+    ]
     assert not output_dir.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -119,6 +124,27 @@ def test_cli_checkpoint_of_the_wrong_release(files, tmp_path):
     assert "error: The checkpoint is not one of OpenFlamingo-3B-vitl-mpt1b:" in result.stderr
     assert "not every n-th layer of a 24-layer language model" in result.stderr
     assert not output_dir.exists()
+
+
+def test_failed_upload_through_hf_flamingo_convert_is_one_error_line(files, tmp_path, monkeypatch, capsys):
+    """`hf-flamingo convert --push-to-hub` whose upload fails: the directory stays written, the error is one line."""
+    from hf_flamingo.conversion import openflamingo_to_hf
+    from hf_flamingo_cli import main
+
+    def refuse(directory, repo_id, private=False, token=None):
+        raise OSError(f"403 Forbidden:\nno write access to {repo_id}")
+
+    monkeypatch.setattr(openflamingo_to_hf, "push_converted_model", refuse)
+    output_dir = tmp_path / "out"
+    argv = ["convert", "--checkpoint", files / "checkpoint.pt", *backbone_args(files), "--output-dir", output_dir]
+    code = main([str(arg) for arg in [*argv, "--push-to-hub", "me/of-tiny"]])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert [line for line in err.splitlines() if ": error: " in line] == [
+        f"hf-flamingo convert: error: wrote {output_dir} but the upload failed: 403 Forbidden: no write access to "
+        "me/of-tiny"
+    ]
+    assert (output_dir / "config.json").is_file()
 
 
 def test_wrong_interval_is_refused(files):

@@ -68,3 +68,24 @@ def test_bare_model_returns_the_cache_and_continues_from_it(llama_model):
             position_ids=torch.full((2, 1), input_ids.shape[1] - 1),  # as the full forward's default positions
         ).last_hidden_state
     torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_set_attn_implementation_switches_the_backbones_and_the_config_together():
+    model = build_model("llama")
+    open_gates(model)
+    batch = interleaved_batch()
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
+    with torch.no_grad():
+        sdpa_logits = model(**inputs).logits
+    model.set_attn_implementation("eager")
+    configs = {
+        "config": model.config,
+        "text_config": model.config.text_config,
+        "vision_config": model.config.vision_config,
+        "language_model": model.language_model.config,
+        "vision_model": model.vision_model.config,
+    }
+    assert {name: config._attn_implementation for name, config in configs.items()} == dict.fromkeys(configs, "eager")
+    real = batch.attention_mask.bool()  # fully masked (padding) rows differ between kernels by design
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits[real], sdpa_logits[real], rtol=1e-5, atol=1e-5)

@@ -327,11 +327,16 @@ def test_media_token_counted_in_ids_not_substrings(tiny_processor, images):
         )
 
 
-def test_flat_image_list_with_several_texts_is_rejected(tiny_processor, images):
-    with pytest.raises(ValueError, match=re.escape("Got a flat list of 2 image(s) for 2 texts, which is ambiguous")):
-        tiny_processor(images=[images[0], images[1]], text=["<image>a", "<image>b"], return_tensors="pt")
-    with pytest.raises(ValueError, match=re.escape("Got a flat list of 1 image(s) for 2 texts")):
-        tiny_processor(images=images[0], text=["<image>a", "b"], return_tensors="pt")
+def test_flat_image_list_is_handed_out_in_token_order(tiny_processor, images):
+    texts = ["<image>a", "<image>b<image>c", "d"]
+    flat = tiny_processor(images=images[:3], text=texts, return_tensors="pt")
+    nested = tiny_processor(images=[[images[0]], [images[1], images[2]], []], text=texts, return_tensors="pt")
+    assert torch.equal(flat["input_ids"], nested["input_ids"])
+    assert torch.equal(flat["pixel_values"], nested["pixel_values"])
+
+    message = "Got a flat list of 1 image(s) for 2 texts with 2 `<image>` token(s) in all (per text: [1, 1])"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_processor(images=images[0], text=["<image>a", "<image>b"], return_tensors="pt")
 
 
 def test_nested_list_length_must_match_texts(tiny_processor, images):
@@ -339,10 +344,63 @@ def test_nested_list_length_must_match_texts(tiny_processor, images):
         tiny_processor(images=[[images[0]]], text=["<image>a", "b"], return_tensors="pt")
 
 
-@pytest.mark.parametrize("bad_images", [["not an image"], [[make_test_image(0)], "x"], 3])
-def test_invalid_images(tiny_processor, bad_images):
-    with pytest.raises(ValueError, match="`images` must be a PIL image"):
+@pytest.mark.parametrize(
+    ("bad_images", "message"),
+    [
+        (["not an image"], "Could not load `images[0]` ('not an image') as an image: Incorrect image source"),
+        ([[make_test_image(0)], "x"], "Could not load `images[1]` ('x') as an image"),
+        (3, "`images` must be a PIL image, a NumPy array or torch tensor, a path or URL"),
+    ],
+)
+def test_invalid_images(tiny_processor, bad_images, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         tiny_processor(images=bad_images, text="<image>a", return_tensors="pt")
+
+
+def test_image_paths_and_urls_are_loaded_with_transformers_utilities(tiny_processor, images, tmp_path, monkeypatch):
+    images[0].save(tmp_path / "a.png")
+    images[1].save(tmp_path / "b.png")
+    direct = tiny_processor(images=[images[0], images[1]], text="<image>a<image>b", return_tensors="pt")
+    for references in ([str(tmp_path / "a.png"), tmp_path / "b.png"], [[tmp_path / "a.png", str(tmp_path / "b.png")]]):
+        loaded = tiny_processor(images=references, text="<image>a<image>b", return_tensors="pt")
+        assert torch.equal(loaded["pixel_values"], direct["pixel_values"])
+
+    requested = []
+
+    def fake_load_image(source, timeout=None):
+        requested.append(source)
+        return images[0]
+
+    monkeypatch.setattr("hf_flamingo.processing_flamingo.load_image", fake_load_image)
+    url = "https://example.com/cat.jpg"
+    from_url = tiny_processor(images=url, text="<image>a", return_tensors="pt")
+    assert requested == [url]
+    assert torch.equal(from_url["pixel_values"][0, 0], direct["pixel_values"][0, 0])
+
+
+def test_post_process_image_text_to_text_decodes_without_special_tokens(tiny_processor):
+    ids = tiny_processor.tokenizer(["<image>a dog<|endofchunk|>", "a cat"], padding=True, return_tensors="pt")
+    ids = ids["input_ids"]
+    assert tiny_processor.post_process_image_text_to_text(ids) == ["a dog", "a cat"]
+    kept = tiny_processor.post_process_image_text_to_text(ids, skip_special_tokens=False)
+    assert kept == ["<image>a dog<|endofchunk|>", "<PAD>a cat"]
+
+
+@pytest.mark.parametrize("padding_side", [None, "left", "right"])
+def test_padding_is_the_same_after_an_auto_processor_round_trip(tiny_processor, images, tmp_path, padding_side):
+    from transformers import AutoProcessor
+
+    tiny_processor.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(reloaded) is type(tiny_processor)
+    options = {} if padding_side is None else {"padding_side": padding_side}
+    texts = ["<image>a long caption of a dog", "<image>b"]
+    before = tiny_processor(images=images[:2], text=texts, return_tensors="pt", **options)
+    after = reloaded(images=images[:2], text=texts, return_tensors="pt", **options)
+    for name in ("input_ids", "attention_mask", "pixel_values"):
+        assert torch.equal(before[name], after[name]), name
+    pad_column = 0 if padding_side in (None, "left") else -1
+    assert before["attention_mask"][1, pad_column] == 0
 
 
 def test_invalid_inputs(tiny_processor, images):

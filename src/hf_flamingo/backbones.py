@@ -91,6 +91,8 @@ def from_backbones(
     _place_new_modules(model, move_vision_model)
     if tokenizer is not None and len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    if tokenizer is not None and model.can_generate():
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.freeze_backbones()
     keep_4bit_layers_differentiable(model)
     return model.eval()

@@ -1,15 +1,11 @@
-"""The `hf-flamingo` command line: `convert`, `generate` and `eval`.
+"""The `hf-flamingo` commands: what `convert`, `generate` and `eval` do once their arguments are parsed.
 
-    hf-flamingo convert --release OpenFlamingo-3B-vitl-mpt1b --output-dir of-3b
-    hf-flamingo generate of-3b --image dog.jpg --caption "A dog." --query-image cat.jpg
-    hf-flamingo eval of-3b --task coco --karpathy-json dataset_coco.json --image-dir coco --shots 0 4 --output coco.json
+The command line itself (parser, argument types, error reporting, `env`) is `hf_flamingo_cli`, which imports only the
+standard library so that `--help` answers without importing torch; it imports this module when a command runs.
+`main` is re-exported here, so `hf_flamingo.cli.main` and `python -m hf_flamingo.cli` keep working.
 
-Errors in the input (missing files, unreadable images, bad JSONL, a task's missing paths, a directory that is not a
-Flamingo model, a device this machine does not have, an `--output` that cannot be written) are reported on stderr as
-one line `hf-flamingo <command>: error: ...` with exit code 1 (2 for command-line usage errors such as
-`--num-beams 0`), without a traceback. Inputs are checked before any model is loaded: numbers when the command line is
-parsed, files, devices and the model directory's `config.json` right after, and (`eval`) the data set files and the
-size of the demonstration pool before the model is loaded.
+Errors in the input raise `CommandLineError` (or a `ValueError`/`OSError` naming the input); `main` reports them as one
+line `hf-flamingo <command>: error: ...` with exit code 1.
 """
 
 from __future__ import annotations
@@ -18,201 +14,16 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
-PROG = "hf-flamingo"
+from transformers import TextStreamer
 
-__all__ = ["CommandLineError", "build_parser", "main"]
+from hf_flamingo_cli import EVAL_PATH_FLAGS, PROG, CommandLineError, build_parser, main
+from hf_flamingo_cli import flag as _flag
 
+from .evaluation.prompts import postprocess_caption
 
-class CommandLineError(Exception):
-    """A user error the command line reports in one line (exit code 1)."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Argument types (argparse reports their errors as usage errors, exit code 2)
-
-
-def _integer(text: str, expected: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-
-
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= `minimum`."""
-
-    def parse(text: str) -> int:
-        value = _integer(text, f"an integer >= {minimum}")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def _num_samples(text: str) -> int:
-    """An argparse type: -1 (all test examples) or an integer >= 1."""
-    value = _integer(text, "an integer >= 1, or -1 for all")
-    if value < 1 and value != -1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, or -1 for all test examples, got {value}")
-    return value
-
-
-def _device(text: str) -> str:
-    """An argparse type: a string `torch.device` accepts (whether this machine has it is checked later)."""
-    import torch
-
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a torch device; expected e.g. cpu, cuda, cuda:1 or mps"
-        ) from None
-    return text
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Parsers
-
-
-def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="Directory (or Hub id) of a saved Flamingo model and processor.")
-    parser.add_argument(
-        "--image",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="An example image; repeat it, once per --caption, in the same order.",
-    )
-    parser.add_argument(
-        "--caption", action="append", default=[], metavar="TEXT", help="The caption of the matching --image."
-    )
-    parser.add_argument(
-        "--examples",
-        metavar="JSONL",
-        help='Examples as JSON lines {"image": path, "text": caption}; relative paths are read from the file\'s folder. '
-        "Used before any --image/--caption pairs.",
-    )
-    parser.add_argument("--query-image", required=True, metavar="PATH", help="The image to caption.")
-    parser.add_argument(
-        "--max-new-tokens", type=_at_least(1), default=20, help="Generation length (default 20, as OpenFlamingo)."
-    )
-    parser.add_argument(
-        "--num-beams", type=_at_least(1), default=3, help="Beam-search width (default 3, as OpenFlamingo)."
-    )
-    parser.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu).")
-    parser.add_argument(
-        "--no-cpu-fast-path",
-        action="store_true",
-        help="On CPU, keep PyTorch's default kernels (by default float32 inference products run on oneDNN, "
-        "`hf_flamingo.cpu_fast_path`).",
-    )
-    parser.add_argument("--show-prompt", action="store_true", help="Also print the prompt (to stderr).")
-
-
-_EVAL_PATH_FLAGS = {
-    "karpathy_json": "Karpathy split file (dataset_coco.json / dataset_flickr30k.json) [coco, flickr30k].",
-    "references_json": "COCO-format reference captions to score CIDEr against (default: the Karpathy sentences).",
-    "image_dir": "Image folder [coco: the folder with train2014/ and val2014/; flickr30k; hateful_memes].",
-    "train_questions": "Training questions json [VQA tasks].",
-    "train_annotations": "Training annotations json [VQA tasks], or training jsonl [hateful_memes].",
-    "train_image_dir": "Training image folder [VQA tasks; vqav2/ok_vqa: .../train2014].",
-    "test_questions": "Test questions json [VQA tasks].",
-    "test_annotations": "Test annotations json [VQA tasks], or test jsonl [hateful_memes].",
-    "test_image_dir": "Test image folder [VQA tasks; vqav2/ok_vqa: .../val2014] (default: the training one).",
-    "imagenet_root": "Folder with train/ and val/ class folders [imagenet].",
-    "class_names_file": "Class names, one per line in sorted folder order [imagenet] (default: the folder names).",
-}
-
-
-def _flag(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
-
-
-def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from .evaluation.runner import TASKS  # light: no torch model is loaded
-
-    parser.add_argument("model", help="Directory (or Hub id) of a saved Flamingo model and processor.")
-    parser.add_argument("--task", required=True, choices=TASKS, help="The benchmark.")
-    parser.add_argument(
-        "--shots",
-        type=_at_least(0),
-        nargs="+",
-        default=[0, 4, 8, 16, 32],
-        help="Numbers of shots, each at most once (default 0 4 8 16 32).",
-    )
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[42], help="One trial per seed, each at most once (default 42)."
-    )
-    parser.add_argument(
-        "--num-samples", type=_num_samples, default=-1, help="Test examples per trial, >= 1 (default -1: all)."
-    )
-    parser.add_argument("--batch-size", type=_at_least(1), default=8, help="Prompts per batch (default 8).")
-    parser.add_argument(
-        "--query-set-size", type=_at_least(1), default=2048, help="Random-demonstration pool (default 2048)."
-    )
-    parser.add_argument("--rices", action="store_true", help="Choose demonstrations by RICES instead of at random.")
-    parser.add_argument("--rices-cache-dir", help="Folder for cached RICES features.")
-    parser.add_argument(
-        "--rices-vision-model",
-        metavar="PATH",
-        help="A CLIP model (directory or Hub id) whose projected image embeddings RICES uses (OpenFlamingo: "
-        "openai/clip-vit-large-patch14); default: the Flamingo's own vision tower.",
-    )
-    parser.add_argument("--precision", choices=["fp32", "amp_bf16"], default="fp32", help="Numerics (default fp32).")
-    parser.add_argument("--max-new-tokens", type=_at_least(1), help="Override the task's generation length.")
-    parser.add_argument("--num-beams", type=_at_least(1), default=3, help="Beams (default 3).")
-    parser.add_argument("--no-ok-vqa-stemming", action="store_true", help="Do not stem OK-VQA predictions.")
-    parser.add_argument(
-        "--classification-prompt-ensembling",
-        action="store_true",
-        help="Average class scores over up to 6 orders of the demonstrations [imagenet, hateful_memes].",
-    )
-    parser.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu).")
-    parser.add_argument(
-        "--no-cpu-fast-path",
-        action="store_true",
-        help="On CPU, keep PyTorch's default kernels (by default float32 inference products run on oneDNN, "
-        "`hf_flamingo.cpu_fast_path`).",
-    )
-    parser.add_argument(
-        "--output",
-        metavar="JSON",
-        help="Write the results (with the full configuration) to this file, replacing it if it exists; missing "
-        "parent folders are created. Checked to be writable before the model is loaded.",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
-    paths = parser.add_argument_group("dataset paths")
-    for name, help_text in _EVAL_PATH_FLAGS.items():
-        paths.add_argument(_flag(name), dest=name, metavar="PATH", help=help_text)
-
-
-_COMMANDS = {
-    "convert": "Convert an OpenFlamingo v2 checkpoint.pt into a Transformers directory.",
-    "generate": "Caption an image from few-shot examples (OpenFlamingo's captioning prompt).",
-    "eval": "Run one of OpenFlamingo's few-shot benchmarks on local dataset files.",
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser. `convert` takes its options from the converter's own parser."""
-    from . import __version__
-
-    parser = argparse.ArgumentParser(prog=PROG, description="Flamingo models, native to Hugging Face transformers.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, help_text in _COMMANDS.items():
-        if name == "convert":
-            commands.add_parser(name, help=help_text, add_help=False)
-    _add_generate_arguments(
-        commands.add_parser("generate", help=_COMMANDS["generate"], description=_COMMANDS["generate"])
-    )
-    _add_eval_arguments(commands.add_parser("eval", help=_COMMANDS["eval"], description=_COMMANDS["eval"]))
-    return parser
+__all__ = ["CommandLineError", "build_parser", "main", "run_command", "run_convert"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -372,16 +183,60 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     settings = prompts.GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     with cpu_fast_path(enabled=not args.no_cpu_fast_path):
-        output = generate_batch(model, processor, [prompt], [images], settings)[0]
-    print(prompts.postprocess_caption(output).strip())
+        if args.stream:
+            _stream_caption(model, processor, prompt, images, settings)
+        else:
+            output = generate_batch(model, processor, [prompt], [images], settings)[0]
+            print(prompts.postprocess_caption(output).strip())
     return 0
+
+
+class _CaptionStreamer(TextStreamer):
+    """Prints, of the text `TextStreamer` finalises, what `postprocess_caption(text).strip()` keeps: a piece of
+    text is held back while it could still be cut (trailing whitespace, or the start of a closing "Output"), so
+    the streamed caption is exactly the one printed without `--stream`."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.text = ""
+        self.printed = 0
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.text += text
+        stable = self.text if stream_end or "Output" in self.text else _without_partial_marker(self.text)
+        caption = postprocess_caption(stable).strip()
+        print(caption[self.printed :], end="\n" if stream_end else "", flush=True)
+        self.printed = len(caption)
+
+
+def _stream_caption(model, processor, prompt: str, images: list, settings) -> None:
+    """Greedy `generate` of one prompt (the settings of `generate_batch`), printing the caption as it is produced."""
+    inputs = processor(images=[images], text=[prompt], return_tensors="pt", padding_side="left").to(model.device)
+    model.generate(
+        **inputs,
+        max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens,
+        num_beams=1,
+        do_sample=False,
+        eos_token_id=processor.eoc_token_id,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        streamer=_CaptionStreamer(processor.tokenizer),
+    )
+
+
+def _without_partial_marker(text: str, marker: str = "Output") -> str:
+    """`text` without its longest ending that `marker` starts with (more text may complete the marker)."""
+    for length in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-length:]):
+            return text[:-length]
+    return text
 
 
 def _evaluation_config(args: argparse.Namespace):
     """The `EvaluationConfig` of `eval`'s arguments; its messages name the command-line flags."""
     from .evaluation.runner import EvaluationConfig
 
-    paths = {name: getattr(args, name) for name in _EVAL_PATH_FLAGS}
+    paths = {name: getattr(args, name) for name in EVAL_PATH_FLAGS}
     for name, value in paths.items():
         if value is not None and not Path(value).exists():
             raise CommandLineError(f"{_flag(name)}: not found: {value}")
@@ -415,13 +270,13 @@ def _with_flags(message: str) -> str:
 
     for field in fields(EvaluationConfig):
         message = message.replace(f"`{field.name}`", _flag(field.name))
-    for name in _EVAL_PATH_FLAGS:
+    for name in EVAL_PATH_FLAGS:
         message = re.sub(rf"(?<![\w-]){name}(?!\w)", _flag(name), message)
     return message.replace("`rices=True`", "--rices")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluation.runner import evaluate, load_evaluation_data
+    from .evaluation.runner import evaluate, is_main_process, load_evaluation_data, process_device
 
     model_source = _model_source(args.model)
     config = _evaluation_config(args)
@@ -432,7 +287,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         data = load_evaluation_data(config)  # reads the data set and checks the shots against its pool
     except ValueError as error:
         raise CommandLineError(_with_flags(str(error))) from error
-    model, processor = _load_model_and_processor(model_source, args.device)
+    model, processor = _load_model_and_processor(model_source, process_device(args.device))  # torchrun: cuda:<rank>
     results = evaluate(
         model,
         processor,
@@ -442,6 +297,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         cpu_fast_path=not args.no_cpu_fast_path,
         data=data,
     )
+    if not is_main_process():  # under torchrun / accelerate launch the main process prints (and wrote the file)
+        return 0
     for result in results.results:
         trials = ", ".join(f"{score:.2f}" for score in result.trials)
         print(
@@ -453,52 +310,30 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_delegated(name: str, argv: list[str], load: Callable[[], object]) -> int:
-    """`convert`: the module's own parser and `main(argv) -> int`, under this program's name."""
-    module = load()
-    if any(arg in ("-h", "--help") for arg in argv):
-        parser = module.build_parser()
-        parser.prog = f"{PROG} {name}"
-        parser.print_help()
-        return 0
-    return int(module.main(argv, prog=f"{PROG} {name}") or 0)
-
-
-def _load_converter():
+def run_convert(argv: list[str]) -> int:
+    """`hf-flamingo convert`: the converter's own parser and `main(argv, prog) -> int`, under this program's name
+    (its errors read `hf-flamingo convert: error: ...`)."""
     from .conversion import openflamingo_to_hf
 
-    return openflamingo_to_hf
+    prog = f"{PROG} convert"
+    if any(arg in ("-h", "--help") for arg in argv):
+        parser = openflamingo_to_hf.build_parser()
+        parser.prog = prog
+        parser.print_help()
+        return 0
+    return int(openflamingo_to_hf.main(argv, prog=prog) or 0)
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from .evaluation.datasets import DatasetFormatError, UnreadableImageError
+def run_command(args: argparse.Namespace) -> int:
+    """Runs `generate` or `eval` on arguments parsed by `hf_flamingo_cli.build_parser`; returns the exit code.
 
-    return (CommandLineError, DatasetFormatError, UnreadableImageError, ImportError, LookupError, ValueError, OSError)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit code.
-
-    Args:
-        argv (`Sequence[str]`, *optional*): The arguments (default: `sys.argv[1:]`).
-
-    Returns:
-        `int`: 0 on success, 1 for bad input, 2 for usage errors.
+    Raises:
+        CommandLineError, ValueError, OSError: for bad input (reported by `main` as one line, exit code 1).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv else None
-    try:
-        if command == "convert":
-            return _run_delegated(command, argv[1:], _load_converter)
-        args = build_parser().parse_args(argv)
-        return _run_generate(args) if args.command == "generate" else _run_eval(args)
-    except _user_error_types() as error:
-        message = " ".join(str(error).split())  # one line, whatever the library's message looks like
-        print(f"{PROG} {command}: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG} {command}: interrupted", file=sys.stderr)
-        return 130
+    handlers = {"generate": _run_generate, "eval": _run_eval}
+    if args.command not in handlers:
+        raise ValueError(f"unknown command {args.command!r}; expected one of {', '.join(handlers)}")
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import GenerationMixin
+from transformers import GenerationConfig, GenerationMixin
 
 from .image_conditioning import resolve_token_image_index
 from .image_tokens import count_image_tokens
@@ -26,6 +26,38 @@ from .input_checks import check_prompt
 
 if TYPE_CHECKING:
     from .modeling_flamingo import FlamingoForConditionalGeneration
+
+
+def flamingo_stop_token_ids(
+    end_of_chunk_token_id: int | None, language_model_eos: int | list[int] | None
+) -> list[int]:
+    """The token ids Flamingo's generation stops at: `<|endofchunk|>` (the end of a few-shot answer, OpenFlamingo's
+    stopping token) first, then the language model's own eos token(s), without duplicates or `None`s."""
+    if language_model_eos is None or isinstance(language_model_eos, int):
+        language_model_eos = [language_model_eos]
+    stop_ids: list[int] = []
+    for token_id in [end_of_chunk_token_id, *language_model_eos]:
+        if token_id is not None and token_id not in stop_ids:
+            stop_ids.append(int(token_id))
+    return stop_ids
+
+
+def with_flamingo_stop_tokens(
+    generation_config: GenerationConfig, end_of_chunk_token_id: int | None, pad_token_id: int | None = None
+) -> GenerationConfig:
+    """A copy of `generation_config` that also stops at `<|endofchunk|>` and, if given, pads with `pad_token_id`.
+
+    Args:
+        generation_config ([`GenerationConfig`]): The defaults to extend (the language model's eos is kept).
+        end_of_chunk_token_id (`int`, *optional*): The id of `<|endofchunk|>`; `None` leaves the stop tokens as they are.
+        pad_token_id (`int`, *optional*): The tokenizer's pad token id (the processor adds `<PAD>` when it has none).
+    """
+    updated = copy.deepcopy(generation_config)
+    stop_ids = flamingo_stop_token_ids(end_of_chunk_token_id, generation_config.eos_token_id)
+    updated.eos_token_id = (stop_ids[0] if len(stop_ids) == 1 else stop_ids) if stop_ids else None
+    if pad_token_id is not None:
+        updated.pad_token_id = pad_token_id
+    return updated
 
 
 class FlamingoGenerationImages:

@@ -20,7 +20,7 @@ from transformers.utils import logging
 from .cache_compat import CACHE_NAME, LEGACY_CACHE_NAME, cache_argument_name, cache_from_output, merge_cache_arguments
 from .configuration_flamingo import FlamingoConfig
 from .gated_cross_attention import FlamingoGatedCrossAttentionBlock
-from .generation_flamingo import FlamingoGenerationMixin
+from .generation_flamingo import FlamingoGenerationMixin, with_flamingo_stop_tokens
 from .image_conditioning import (
     block_conditioning,
     build_cross_attention_mask,
@@ -117,6 +117,108 @@ class FlamingoPreTrainedModel(PreTrainedModel):
         elif isinstance(module, FlamingoGatedCrossAttentionBlock):
             init.zeros_(module.attn_gate)
             init.zeros_(module.ff_gate)
+
+    def create_model_card(self, **kwargs: Any) -> Any:
+        """The model card of this model, a `huggingface_hub.ModelCard` (base models, interval, usage, license,
+        training data, evaluation results). Arguments: see [`hf_flamingo.model_card.build_model_card`], e.g.
+        `repo_id=`, `license=`, `datasets=`, `evaluation_results="coco.json"`, `merge_with="out/README.md"` (to keep
+        `Trainer.create_model_card`'s card below this one). Save it with `card.save(path)`, upload it with
+        `card.push_to_hub(repo_id)`, or pass it to `save_pretrained(..., model_card=card)`."""
+        return _model_card_module(required=True).build_model_card(self, **kwargs)
+
+    def save_pretrained(
+        self,
+        save_directory: str | Any,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        push_to_hub: bool = False,
+        *,
+        model_card: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As [`~PreTrainedModel.save_pretrained`], and writes a model card (`README.md`, see
+        [`create_model_card`]) into `save_directory` unless one is there already.
+
+        Args:
+            model_card (`huggingface_hub.ModelCard`, `str` or `False`, *optional*): The card to write (always, even
+                over an existing `README.md`); `False` writes none. Default: this model's card, when the directory has
+                no `README.md`.
+
+        With `push_to_hub=True` the files written are uploaded in one commit with this card (transformers would
+        upload an empty template card instead); a generated card does not replace a card the Hub repository already
+        has. Returns the commit info then, else `None`.
+        """
+        cards = _model_card_module(required=False)
+        if cards is None or model_card is False:
+            return super().save_pretrained(save_directory, is_main_process, state_dict, push_to_hub, **kwargs)
+        return cards.save_with_model_card(
+            self,
+            super().save_pretrained,
+            save_directory,
+            is_main_process=is_main_process,
+            state_dict=state_dict,
+            push_to_hub=push_to_hub,
+            model_card=model_card,
+            **kwargs,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+        model_card: Any = None,
+    ) -> Any:
+        """As [`~PreTrainedModel.push_to_hub`], uploading this model's card (see [`save_pretrained`]) instead of an
+        empty template; `model_card` uploads a card of your own."""
+        cards = _model_card_module(required=False)
+        if cards is None:
+            return super().push_to_hub(
+                repo_id,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                max_shard_size=max_shard_size,
+                tags=tags,
+            )
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as directory:
+            return self.save_pretrained(
+                directory,
+                push_to_hub=True,
+                max_shard_size=max_shard_size,
+                model_card=model_card,
+                repo_id=repo_id,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                tags=tags,
+            )
+
+
+def _model_card_module(required: bool) -> Any:
+    """`hf_flamingo.model_card`, imported by name at call time so that a checkpoint's remote code (the modeling file
+    and its relative imports) does not include it; `None` where the package is not installed, unless `required`."""
+    try:
+        return importlib.import_module("hf_flamingo.model_card")
+    except ImportError as error:
+        if required:
+            raise ImportError("Model cards need the `hf_flamingo` package installed.") from error
+        return None
 
 
 class FlamingoModel(FlamingoPreTrainedModel):
@@ -457,7 +559,21 @@ class FlamingoForConditionalGeneration(FlamingoModel, FlamingoGenerationMixin):
 
     The same modules and checkpoint keys as [`FlamingoModel`] (the head is the language model's own `lm_head`);
     `forward` runs the whole causal LM instead of its decoder.
+
+    Its `generation_config` stops at `<|endofchunk|>` (`config.eoc_token_id`, the end of a few-shot answer) and at the
+    language model's eos token(s), in that order, whether the model is built with `from_backbones`, from a config,
+    converted, or loaded from a directory saved that way; a `generation_config.json` saved with the model is used as
+    it is.
     """
+
+    def __init__(
+        self,
+        config: FlamingoConfig,
+        vision_model: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config, vision_model=vision_model, language_model=language_model)
+        self.generation_config = with_flamingo_stop_tokens(self.generation_config, config.eoc_token_id)
 
     def forward(
         self,

@@ -5,6 +5,7 @@ contract it shares with the collator and the model), so that both ship as remote
 """
 
 import inspect
+import os
 import re
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_utils import ImageInput
+from transformers.image_utils import ImageInput, load_image
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
 from .image_tokens import (
@@ -25,6 +26,30 @@ from .image_tokens import (
 _PADDING_DEFAULTS = {"padding": "longest"}
 _NUM_CHANNELS = (1, 3, 4)
 """Channel counts an image array may have: grayscale, RGB, RGBA (1 and 4 are converted to RGB by `do_convert_rgb`)."""
+
+
+def flamingo_chat_template(media_token: str = "<image>", end_of_chunk_token: str = "<|endofchunk|>") -> str:
+    """The default chat template: renders interleaved few-shot `messages` to Flamingo's prompt format.
+
+    Each message's content is written in order, with nothing added between parts or messages: an `{"type": "image"}`
+    part becomes `media_token`, a `{"type": "text"}` part (or a string content) its text. An `assistant` message (a
+    demonstration's answer) is closed with `end_of_chunk_token`. `system` and `user` messages are written the same
+    way, without a closing token; the generation prompt adds nothing, so the model continues the last message.
+    """
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+        "{{- raise_exception('Flamingo chat messages have the role system, user or assistant, got ' + message['role']) -}}"
+        "{%- endif -%}"
+        "{%- if message['content'] is string -%}{{- message['content'] -}}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        f"{{%- if part['type'] == 'image' -%}}{{{{- {media_token!r} -}}}}"
+        "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
+        "{%- else -%}{{- raise_exception('Flamingo chat content parts are image or text, got ' + part['type']) -}}"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}"
+        f"{{%- if message['role'] == 'assistant' -%}}{{{{- {end_of_chunk_token!r} -}}}}{{%- endif -%}}"
+        "{%- endfor -%}"
+    )
 
 
 class FlamingoProcessorKwargs(ProcessingKwargs, total=False):
@@ -60,10 +85,6 @@ def _as_image_list(images: Any) -> list | None:
 
 def _describe_value(value: Any) -> str:
     """A short description of a value that is not an image, with the fix when it is obvious."""
-    if isinstance(value, str):
-        return (
-            f"a str ({value[:60]!r}); paths and URLs are not loaded, open them first, e.g. with `PIL.Image.open(path)`"
-        )
     if isinstance(value, (bytes, bytearray)):
         return "bytes; decode encoded images first, e.g. with `PIL.Image.open(io.BytesIO(data))`"
     if isinstance(value, (np.ndarray, torch.Tensor)):
@@ -72,6 +93,23 @@ def _describe_value(value: Any) -> str:
             "or 3 `(height, width, channels)` / `(channels, height, width)` dimensions, a stack of images 4"
         )
     return f"of type {type(value).__name__}"
+
+
+def _load_image_references(images: Any, path: str = "images") -> Any:
+    """`images` with every path, URL or base64 string (`str` or `os.PathLike`) opened as a PIL image by transformers'
+    `load_image`, in the same nesting; other values are returned as they are.
+
+    Raises:
+        ValueError: Naming the element that could not be loaded and why.
+    """
+    if isinstance(images, (str, os.PathLike)):
+        try:
+            return load_image(os.fspath(images))
+        except Exception as error:  # noqa: BLE001 - file, decoding and network errors alike
+            raise ValueError(f"Could not load `{path}` ({os.fspath(images)[:200]!r}) as an image: {error}") from error
+    if isinstance(images, (list, tuple)):
+        return [_load_image_references(element, f"{path}[{index}]") for index, element in enumerate(images)]
+    return images
 
 
 def _describe_invalid_images(images: Any, path: str = "images", depth: int = 0) -> str:
@@ -183,6 +221,8 @@ class FlamingoProcessor(ProcessorMixin):
         self._add_flamingo_special_tokens(tokenizer, pad_token)
         self._check_token_ids(tokenizer, media_token_id, eoc_token_id)
         tokenizer.padding_side = "left"
+        if chat_template is None:
+            chat_template = flamingo_chat_template(media_token, end_of_chunk_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     def _check_token_ids(self, tokenizer: Any, media_token_id: int | None, eoc_token_id: int | None) -> None:
@@ -327,8 +367,7 @@ class FlamingoProcessor(ProcessorMixin):
             raise ValueError("You need to provide `text`, `images` or both to FlamingoProcessor.")
 
         texts = self._normalize_text(text)
-        num_samples = len(texts) if texts is not None else None
-        images_per_sample = self._group_images(images, num_samples)
+        images_per_sample = self._group_images(_load_image_references(images), texts)
 
         merged_kwargs = self._merge_kwargs(
             FlamingoProcessorKwargs,
@@ -399,18 +438,18 @@ class FlamingoProcessor(ProcessorMixin):
                 received += " (token ids go to the model or the data collator as `input_ids`, not to `text`)"
         raise ValueError(f"`text` must be a string or a non-empty list of strings, {received}.")
 
-    @staticmethod
-    def _group_images(images: Any, num_samples: int | None) -> list[list]:
+    def _group_images(self, images: Any, texts: list[str] | None) -> list[list]:
         """
         Groups `images` into one list of images per sample.
 
         Args:
-            images: The `images` argument of `__call__`.
-            num_samples (`int`, *optional*): The number of texts, or `None` if no text was given.
+            images: The `images` argument of `__call__`, paths and URLs already loaded.
+            texts (`list[str]`, *optional*): The texts, or `None` if no text was given.
 
         Returns:
             `list[list]`: One (possibly empty) list of images per sample.
         """
+        num_samples = len(texts) if texts is not None else None
         if images is None:
             return [[] for _ in range(num_samples)]
         if isinstance(images, (list, tuple)) and len(images) == 0:
@@ -418,12 +457,7 @@ class FlamingoProcessor(ProcessorMixin):
 
         flat = _as_image_list(images)
         if flat is not None:
-            if num_samples is not None and num_samples != 1:
-                raise ValueError(
-                    f"Got a flat list of {len(flat)} image(s) for {num_samples} texts, which is ambiguous. Pass one "
-                    "list of images per text instead, e.g. `images=[[img_a, img_b], [img_c], []]`."
-                )
-            return [flat]
+            return [flat] if num_samples in (None, 1) else self._split_flat_images(flat, texts)
 
         if isinstance(images, (list, tuple)) and all(isinstance(sample, (list, tuple)) for sample in images):
             grouped = []
@@ -441,9 +475,24 @@ class FlamingoProcessor(ProcessorMixin):
                 return grouped
 
         raise ValueError(
-            "`images` must be a PIL image, a NumPy array or torch tensor, a flat list of these (for a single text), "
-            "or a nested list with one list of images per text." + _describe_invalid_images(images)
+            "`images` must be a PIL image, a NumPy array or torch tensor, a path or URL, a flat list of these (handed "
+            "out in order of the `<image>` tokens), or a nested list with one list of images per text."
+            + _describe_invalid_images(images)
         )
+
+    def _split_flat_images(self, images: list, texts: list[str]) -> list[list]:
+        """Hands a flat list of images for several texts out in order, as many to each text as it has `<image>`
+        tokens (as transformers' VLM processors do), e.g. one image per text."""
+        counts = [text.count(self.media_token) for text in texts]
+        if sum(counts) != len(images):
+            raise ValueError(
+                f"Got a flat list of {len(images)} image(s) for {len(texts)} texts with {sum(counts)} "
+                f"`{self.media_token}` token(s) in all (per text: {counts}). A flat list is handed out in order, one "
+                f"image per `{self.media_token}` token; give as many images as tokens, or one list of images per text, "
+                "e.g. `images=[[img_a, img_b], [img_c], []]`."
+            )
+        starts = [sum(counts[:index]) for index in range(len(counts))]
+        return [images[start : start + count] for start, count in zip(starts, counts, strict=True)]
 
     def _image_option(self, images_kwargs: dict[str, Any], name: str, default: Any) -> Any:
         """The value of image processor option `name` for this call: the call's, else the image processor's."""

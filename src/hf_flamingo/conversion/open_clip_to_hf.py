@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileExistsError as error:
         parser.error(str(error))
     except OSError as error:  # a parent that is a file, no write permission: checked before any work
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     if not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint!r}: no such file.")
@@ -180,9 +180,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{config.hidden_act}, {args.dtype}) and CLIPImageProcessorPil ({config.image_size}px) to {written}"
     )
     if args.push_to_hub:
-        push_directory_to_hub(
-            written, args.push_to_hub, commit_message="Convert open_clip ViT with hf_flamingo", private=args.private
-        )
+        try:
+            push_directory_to_hub(
+                written,
+                args.push_to_hub,
+                commit_message="Convert open_clip ViT with hf_flamingo",
+                private=args.private,
+            )
+        except OSError as error:  # huggingface_hub's HTTP errors are OSErrors
+            message = " ".join(str(error).split())
+            print(f"{parser.prog}: error: wrote {written} but the upload failed: {message}", file=sys.stderr)
+            return 1
         print(f"Uploaded to https://huggingface.co/{args.push_to_hub}")
     return 0
 

@@ -24,7 +24,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from ..configuration_flamingo import FlamingoConfig
+from ..generation_flamingo import with_flamingo_stop_tokens
 from ..language_model_hooks import find_decoder_layers
+from ..model_card import build_model_card
 from ..modeling_flamingo import FlamingoForConditionalGeneration
 from ..processing_flamingo import FlamingoProcessor
 from .open_clip import open_clip_image_processor
@@ -173,10 +175,10 @@ def convert_openflamingo_checkpoint(
             )
 
     report = load_openflamingo_weights(model, state_dict)
-    model.generation_config = GenerationConfig(
-        eos_token_id=model.config.eoc_token_id,
+    model.generation_config = with_flamingo_stop_tokens(
+        GenerationConfig(eos_token_id=processor.tokenizer.eos_token_id, bos_token_id=processor.tokenizer.bos_token_id),
+        model.config.eoc_token_id,
         pad_token_id=processor.tokenizer.pad_token_id,
-        bos_token_id=processor.tokenizer.bos_token_id,
     )
     if dtype is not None:
         model = model.to(_DTYPES[dtype] if isinstance(dtype, str) else dtype)
@@ -225,57 +227,40 @@ def model_card(
     language_model: str,
     repo_id: str | None = None,
 ) -> str:
-    """A model card (`README.md`) for a converted directory."""
-    config = model.config
+    """A model card (`README.md`) for a converted directory, built by [`hf_flamingo.model_card.build_model_card`]
+    with the conversion's facts (source, release notes, weights taken from the checkpoint and the backbones)."""
     name = release.name if release is not None else "an OpenFlamingo checkpoint"
     source = (
         f"[`{release.repo_id}`](https://huggingface.co/{release.repo_id})" if release is not None else "a local file"
     )
-    load_id = repo_id or "path/to/this/directory"
-    notes = f"\n{release.model_card_notes}\n" if release is not None and release.model_card_notes else ""
-    return f"""---
-library_name: transformers
-pipeline_tag: image-text-to-text
-license: mit
-tags:
-- flamingo
-- openflamingo
-- hf_flamingo
----
+    notes = f"\n\n{release.model_card_notes}" if release is not None and release.model_card_notes else ""
+    card = build_model_card(
+        model,
+        repo_id=repo_id,
+        title=f"{name} (Transformers-native)",
+        description=f"{name} converted from {source} into `hf_flamingo`'s `FlamingoForConditionalGeneration`: "
+        f"loads with `from_pretrained`, no OpenFlamingo, open_clip or einops needed.{notes}",
+        vision_model=vision_model,
+        language_model=language_model,
+        license="mit",
+        tags=["openflamingo"],
+        training_data=_OPENFLAMINGO_TRAINING_DATA,
+        extra_details=[
+            f"Conversion: {len(report.loaded_keys)} weights from the checkpoint ({report.checkpoint_keys} keys, of "
+            f"which {len(report.dropped_aliases)} duplicate aliases and {len(report.dropped_buffers)} obsolete "
+            f"buffers were dropped); {len(report.backbone_keys)} frozen backbone weights from the backbones."
+        ],
+        notes="OpenFlamingo evaluated with bf16 autocast over fp32 weights; fp32 reproduces the original model to "
+        "within float rounding.",
+    )
+    return str(card)
 
-# {name} (Transformers-native)
 
-{name} converted from {source} into `hf_flamingo`'s `FlamingoForConditionalGeneration`: loads with
-`from_pretrained`, no OpenFlamingo, open_clip or einops needed.
-{notes}
-- Vision tower: `{vision_model}` (CLIP patch tokens without CLS, before the final LayerNorm, as OpenFlamingo was
-  trained).
-- Language model: `{language_model}` ({type(model.language_model).__name__}, {config.num_text_layers} layers, vocabulary
-  {model.get_input_embeddings().weight.shape[0]}).
-- Gated cross-attention before decoder layers where `(i + 1) % {config.cross_attn_every_n_layers} == 0`
-  ({len(config.cross_attention_layer_indices())} blocks); `<image>` = {config.media_token_id}, `<|endofchunk|>` =
-  {config.eoc_token_id}; generation stops at `<|endofchunk|>`.
-- Conversion: {len(report.loaded_keys)} weights from the checkpoint ({report.checkpoint_keys} keys, of which
-  {len(report.dropped_aliases)} duplicate aliases and {len(report.dropped_buffers)} obsolete buffers were dropped);
-  {len(report.backbone_keys)} frozen backbone weights from the backbones.
-
-## Usage
-
-```python
-import hf_flamingo  # registers the Auto classes (or pass trust_remote_code=True to use the code in this repo)
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-model = AutoModelForImageTextToText.from_pretrained("{load_id}")
-processor = AutoProcessor.from_pretrained("{load_id}")
-prompt = "<image>Output:a dog on a beach.<|endofchunk|><image>Output:"
-inputs = processor(images=[[demo_image, query_image]], text=[prompt], return_tensors="pt")
-generated = model.generate(**inputs, max_new_tokens=20, num_beams=3)
-print(processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```
-
-OpenFlamingo evaluated with bf16 autocast over fp32 weights; fp32 reproduces the original model to within float
-rounding.
-"""
+_OPENFLAMINGO_TRAINING_DATA = (
+    "OpenFlamingo v2 trained the Perceiver Resampler and the cross-attention blocks on image-text pairs from "
+    "LAION-2B and interleaved image-text documents from Multimodal C4 (see the OpenFlamingo technical report, "
+    "arXiv:2308.01390); the vision encoder and the language model stayed frozen."
+)
 
 
 def save_converted_model(
@@ -287,12 +272,12 @@ def save_converted_model(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
 ) -> Path:
-    """Writes model, processor, generation config and model card into `output_dir`, atomically."""
+    """Writes model, processor, generation config and model card (`card`, the model's `README.md`) into `output_dir`,
+    atomically."""
 
     def write(directory: Path) -> None:
-        model.save_pretrained(directory, max_shard_size=max_shard_size)
+        model.save_pretrained(directory, max_shard_size=max_shard_size, model_card=card)
         processor.save_pretrained(directory)
-        (directory / "README.md").write_text(card, encoding="utf-8")
 
     return write_directory_atomically(output_dir, write, overwrite=overwrite)
 
@@ -418,7 +403,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         f"the backbones, cross-attention every {report.cross_attn_every_n_layers} layers."
     )
     if args.push_to_hub:
-        push_converted_model(written, args.push_to_hub, private=args.private)
+        try:
+            push_converted_model(written, args.push_to_hub, private=args.private)
+        except OSError as error:  # huggingface_hub's HTTP errors are OSErrors
+            print(f"{parser.prog}: error: wrote {written} but the upload failed: {_one_line(error)}", file=sys.stderr)
+            return 1
         print(f"Uploaded to https://huggingface.co/{args.push_to_hub}")
     return 0
 

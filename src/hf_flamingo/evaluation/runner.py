@@ -19,13 +19,31 @@ One deliberate difference: for 0-shot ImageNet / HatefulMemes, OpenFlamingo's ha
 two text-only demonstrations (whose `<image>` tokens it removed), so its query text attends to the first
 demonstration's image instead of the query's. Here, as OpenFlamingo does for captioning and VQA, a 0-shot prompt gets
 only the query image.
+
+Data-parallel evaluation: the same call runs unchanged under `torchrun --nproc-per-node N` or `accelerate launch
+--num_processes N` (accelerate's `PartialState` reads the launcher's environment; without a launcher, or without
+accelerate installed, it is one process). Every process loads the data, draws each trial's queries and
+demonstrations with the trial's seed exactly as a single process does, and runs the model on its own contiguous share
+of the trial's batches: the batches themselves are those of a single-process run (same queries, same padding), so the
+predictions are the same. The predictions are gathered in their original order, the metric is computed once, on the
+main process, and sent to the others: every process returns the same [`EvaluationResults`], and only the main process
+writes `output_path`. Each process runs the model where the caller put it: give each its own accelerator
+(`PartialState().device`, what `hf-flamingo eval --device cuda` does); the model is not wrapped in DDP (inference
+only). With RICES and `rices_cache_dir`, the main process computes and caches the pool features first and the others
+read them; without a cache folder every process computes them.
+
+```bash
+torchrun --nproc-per-node 8 -m hf_flamingo_cli eval of-9b --device cuda --task coco ... --output coco.json
+```
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
+import os
 import platform
 import random
 import statistics
@@ -50,8 +68,12 @@ __all__ = [
     "ShotResult",
     "TASKS",
     "evaluate",
+    "is_main_process",
     "load_evaluation_data",
+    "process_device",
 ]
+
+logger = logging.getLogger(__name__)
 
 TASKS = tuple(TASK_CLASSES)
 """The task names `EvaluationConfig.task` accepts."""
@@ -313,6 +335,100 @@ def _check_demonstration_pool(config: EvaluationConfig, pool_size: int) -> None:
     raise ValueError(f"{what}, but {where}; {fix}.")
 
 
+class _Processes:
+    """The processes evaluating together: accelerate's `PartialState` (set up from the `torchrun` / `accelerate
+    launch` environment), or this process alone when accelerate is not installed."""
+
+    def __init__(self):
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        try:
+            from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
+        except ImportError:
+            if launched:
+                raise ImportError(
+                    f"evaluating with {os.environ['WORLD_SIZE']} processes needs accelerate: `pip install accelerate`."
+                ) from None
+            self.state = None
+        else:
+            # CPU processes (gloo): accelerate only sets them up when told, as `accelerate launch --cpu` does.
+            cpu = launched and (parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available())
+            self.state = PartialState(cpu=cpu)
+
+    @property
+    def num_processes(self) -> int:
+        return 1 if self.state is None else self.state.num_processes
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.state is None or self.state.is_main_process
+
+    def shard(self, items: list) -> list:
+        """This process's contiguous share of `items` (the first processes take one more when it does not divide)."""
+        if self.num_processes == 1:
+            return items
+        with self.state.split_between_processes(items) as share:
+            return list(share)
+
+    def gather(self, items: list) -> list:
+        """The lists of every process, concatenated in process order, on every process."""
+        if self.num_processes == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+    def broadcast(self, value: Any) -> Any:
+        """The main process's `value`, on every process."""
+        if self.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
+
+    def check(self, error: BaseException | None) -> None:
+        """Raises on every process if any process failed (`error`: this process's failure), instead of leaving the
+        others waiting for it at the next exchange."""
+        failures = self.gather([(self.state.process_index if self.state else 0, repr(error)) if error else None])
+        failures = [failure for failure in failures if failure is not None]
+        if error is not None:
+            raise error
+        if failures:
+            index, message = failures[0]
+            raise RuntimeError(f"evaluation failed on process {index}: {message}")
+
+    def main_first(self, function, *args):
+        """`function(*args)` on the main process, then on the others (e.g. to let the main process write a cache the
+        others read)."""
+        if self.num_processes == 1:
+            return function(*args)
+        result = None
+        for turn in (True, False):
+            error = None
+            if self.is_main_process == turn:
+                try:
+                    result = function(*args)
+                except Exception as caught:  # re-raised by `check`, once the others know
+                    error = caught
+            self.check(error)
+        return result
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes results and prints (always, outside `torchrun` / `accelerate launch`)."""
+    return _Processes().is_main_process
+
+
+def process_device(device: str) -> str:
+    """The device this process evaluates on: under several processes, an accelerator type without an index (`"cuda"`)
+    becomes this process's own one (`PartialState().device`, e.g. `"cuda:3"`); anything else is returned unchanged."""
+    processes = _Processes()
+    if processes.num_processes == 1 or ":" in device or device == "cpu":
+        return device
+    own = processes.state.device
+    return str(own) if own.type == torch.device(device).type else device
+
+
 def _batches(items: Sequence[EvalExample], size: int) -> list[list[EvalExample]]:
     return [list(items[start : start + size]) for start in range(0, len(items), size)]
 
@@ -327,24 +443,49 @@ def _run_trial(
     num_shots: int,
     seed: int,
     progress: bool,
+    processes: _Processes,
 ) -> tuple[float, list[dict[str, Any]]]:
-    """One number of shots with one seed: (score, predictions)."""
+    """One number of shots with one seed: (score, predictions), on every process.
+
+    Every process draws the queries and the random demonstrations of every batch (the draws follow one another), and
+    runs the model on its own share of the batches; the main process scores the gathered predictions."""
     config = task.config
     rng = random.Random(seed)
     queries = test if config.num_samples <= 0 else rng.sample(test, min(config.num_samples, len(test)))
     sampler = None if rices is not None else RandomDemonstrations(pool, config.query_set_size, seed)
     num_demonstrations = prompts.effective_num_shots(num_shots)
     task.begin_trial(seed)
+    batches = _batches(queries, config.batch_size)
+    own = set(processes.shard(list(range(len(batches)))))
     predictions: list[dict[str, Any]] = []
+    error = None
     description = f"{task.name} {num_shots}-shot seed {seed}"
-    for batch in tqdm(_batches(queries, config.batch_size), desc=description, disable=not progress):
-        batch_images = [load_image(example.image_path) for example in batch]
-        if rices is not None:
-            demonstrations = rices.find(batch, num_demonstrations, batch_images)
-        else:
-            demonstrations = [sampler.sample(example, num_demonstrations) for example in batch]
-        predictions.extend(task.predict(model, processor, batch, batch_images, demonstrations, num_shots))
-    return task.score(predictions, queries), predictions
+    with tqdm(total=len(own), desc=description, disable=not (progress and processes.is_main_process)) as bar:
+        try:
+            for index, batch in enumerate(batches):
+                if sampler is not None:
+                    demonstrations = [sampler.sample(example, num_demonstrations) for example in batch]
+                if index not in own:
+                    continue
+                batch_images = [load_image(example.image_path) for example in batch]
+                if rices is not None:
+                    demonstrations = rices.find(batch, num_demonstrations, batch_images)
+                predictions.extend(task.predict(model, processor, batch, batch_images, demonstrations, num_shots))
+                bar.update()
+        except Exception as caught:  # re-raised by `check`, once the other processes know
+            error = caught
+    processes.check(error)
+    predictions = processes.gather(predictions)
+    if [prediction["id"] for prediction in predictions] != [query.id for query in queries]:
+        raise RuntimeError(f"{description}: the gathered predictions do not match the queries one for one.")
+    score, error = None, None
+    if processes.is_main_process:
+        try:
+            score = task.score(predictions, queries)
+        except Exception as caught:
+            error = caught
+    processes.check(error)
+    return processes.broadcast(score), predictions
 
 
 def _build_rices(
@@ -404,8 +545,9 @@ def evaluate(
         model (`FlamingoForConditionalGeneration`): The model (put in eval mode here).
         processor (`FlamingoProcessor`): Its processor.
         config (`EvaluationConfig`): Task, data paths and protocol.
-        output_path (`str` or `Path`, *optional*): Where to write the results as JSON.
-        progress (`bool`, defaults to True): Show tqdm progress bars.
+        output_path (`str` or `Path`, *optional*): Where to write the results as JSON (by the main process only,
+            under several processes).
+        progress (`bool`, defaults to True): Show tqdm progress bars (on the main process).
         rices_encoder (`ImageEncoder`, *optional*): Image features for RICES, instead of the model's vision tower or
             `config.rices_vision_model`.
         cpu_fast_path (`bool`, defaults to True): Run the trials inside [`hf_flamingo.cpu_fast_path`] (float32 CPU
@@ -414,7 +556,8 @@ def evaluate(
             before the model, to find data problems first); default: loaded here, before any model call.
 
     Returns:
-        [`EvaluationResults`].
+        [`EvaluationResults`]: the same on every process under `torchrun` / `accelerate launch` (the gathered
+        predictions and the main process's scores; `environment["num_processes"]` records how many processes ran).
     """
     if data is None:
         data = load_evaluation_data(config)
@@ -422,14 +565,20 @@ def evaluate(
         raise ValueError("`data` was loaded for another `EvaluationConfig`; pass `load_evaluation_data(config)`.")
     model.eval()
     task, pool, test = data.task, data.pool, data.test
-    rices = _build_rices(model, processor, config, pool, rices_encoder) if config.rices else None
+    processes = _Processes()
+    _warn_about_shared_devices(model, processes)
+    rices = None
+    if config.rices:  # the main process first: it writes the feature cache that the others then read
+        rices = processes.main_first(_build_rices, model, processor, config, pool, rices_encoder)
 
     results = []
     with fast_path_switch(enabled=cpu_fast_path):
         for num_shots in config.shots:
             trials, kept = [], {}
             for seed in config.seeds:
-                score, predictions = _run_trial(model, processor, task, pool, test, rices, num_shots, seed, progress)
+                score, predictions = _run_trial(
+                    model, processor, task, pool, test, rices, num_shots, seed, progress, processes
+                )
                 trials.append(score)
                 if config.save_predictions:
                     kept[seed] = predictions
@@ -443,8 +592,28 @@ def evaluate(
         results=results,
         config=asdict(config),
         generation=generation,
-        environment=_environment(model),
+        environment={**_environment(model), "num_processes": processes.num_processes},
     )
-    if output_path is not None:
-        evaluation.save(output_path)
+    error = None
+    if output_path is not None and processes.is_main_process:
+        try:
+            evaluation.save(output_path)
+        except Exception as caught:
+            error = caught
+    processes.check(error)  # also waits for the file: it exists when any process returns
     return evaluation
+
+
+def _warn_about_shared_devices(model, processes: _Processes) -> None:
+    """Warns (main process) when several processes run their model on the same accelerator."""
+    if processes.num_processes == 1:
+        return
+    devices = processes.gather([str(next(model.parameters()).device)])
+    shared = sorted({device for device in devices if device != "cpu" and devices.count(device) > 1})
+    if shared and processes.is_main_process:
+        logger.warning(
+            "%d processes share %s; put each process's model on its own device (`PartialState().device`, or "
+            "`hf-flamingo eval --device cuda`).",
+            max(devices.count(device) for device in shared),
+            ", ".join(shared),
+        )

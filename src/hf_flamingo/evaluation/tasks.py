@@ -213,17 +213,18 @@ class VQATask(_GenerationTask):
 
 class ClassificationTask(EvaluationTask):
     """Rank classification: every class name is scored by its mean per-token log-likelihood after the prompt
-    (averaged over min(6, k!) random demonstration orders with `classification_prompt_ensembling`)."""
+    (averaged over min(6, k!) random demonstration orders with `classification_prompt_ensembling`; a query's orders
+    depend only on the trial's seed and the query's id, not on its batch or process)."""
 
     separator = ""
 
     def __init__(self, config: EvaluationConfig):
         super().__init__(config)
         self.class_names: list[str] = []
-        self._shuffler = random.Random()
+        self._trial_seed = 0
 
     def begin_trial(self, seed: int) -> None:
-        self._shuffler = random.Random(seed + 2)  # demonstration orders for prompt ensembling
+        self._trial_seed = seed  # seeds the demonstration orders for prompt ensembling
 
     def predict(self, model, processor, queries, query_images, demonstrations, num_shots) -> list[Prediction]:
         scores = self.class_scores(model, processor, queries, query_images, demonstrations, num_shots)
@@ -250,10 +251,12 @@ class ClassificationTask(EvaluationTask):
         ensembling."""
         config = self.config
         orders = min(6, math.factorial(len(demonstrations[0]))) if config.classification_prompt_ensembling else 1
+        shufflers = [random.Random(f"{self._trial_seed}:{query.id}") for query in queries]
         per_order = []
         for _ in range(orders):
             if orders > 1:  # like OpenFlamingo, a fresh random order each time (orders may repeat)
-                demonstrations = [self._shuffler.sample(demos, len(demos)) for demos in demonstrations]
+                pairs = zip(shufflers, demonstrations, strict=True)
+                demonstrations = [shuffler.sample(demos, len(demos)) for shuffler, demos in pairs]
             texts, images = self.build_prompts(queries, query_images, demonstrations, num_shots)
             per_order.append(
                 class_log_likelihoods(
