@@ -1,5 +1,8 @@
 """Times hf_flamingo against OpenFlamingo 2.0.1 (same weights, same process) on CPU, and writes RESULTS.md.
 
+Also times transformers' IDEFICS (`IdeficsForVisionText2Text`, matched shapes, random weights) and hf_flamingo
+compiled (static cache + `torch.compile`) beside them.
+
 Workloads: W1 4-shot captioning (beam search), W2 2-shot VQA batch (greedy, 5 and 20 new tokens), W3 one training
 step, W4 per-token decode time against the bare language model. See benchmarks/README.md.
 
@@ -58,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--output", type=Path, default=BENCHMARKS_DIR / "RESULTS.md", help="markdown report to write")
     parser.add_argument("--json", type=Path, default=None, help="also write every number as JSON to this path")
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the compiled column (static cache + torch.compile; compiling takes minutes on a 2-core CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument(
         "--logits-tolerance",
@@ -102,21 +110,24 @@ def main(argv: list[str] | None = None) -> int:
         print(message, flush=True)
 
     results = {}
+    compile = not args.no_compile
     for workload in args.workloads:
         t0 = time.perf_counter()
         if workload == "W1":
             log("W1: 4-shot captioning, batch 1, 3 beams, 20 new tokens (+ floor: bare LM, image features)")
-            results["W1"] = workloads.run_w1(setup, args.repeats, args.warmup, log)
+            results["W1"] = workloads.run_w1(setup, args.repeats, args.warmup, log, compile=compile)
         elif workload == "W2":
             for new_tokens in (5, 20):
                 log(f"W2: 2-shot VQA, batch 8, greedy, {new_tokens} new tokens")
-                results[f"W2-{new_tokens}"] = workloads.run_w2(setup, new_tokens, args.repeats, args.warmup, log)
+                results[f"W2-{new_tokens}"] = workloads.run_w2(
+                    setup, new_tokens, args.repeats, args.warmup, log, compile=compile
+                )
         elif workload == "W3":
             log("W3: training step, batch 4 x 128 tokens, 2 images per sample")
             results["W3"] = workloads.run_w3(setup, args.repeats, args.warmup, log)
         elif workload == "W4":
             log("W4: per-token decode time (21 vs 1 new tokens), batch 1, greedy")
-            results["W4"] = workloads.run_w4(setup, args.repeats, args.warmup, log)
+            results["W4"] = workloads.run_w4(setup, args.repeats, args.warmup, log, compile=compile)
         log(f"  ({time.perf_counter() - t0:.1f} s)")
 
     print()

@@ -15,7 +15,14 @@ from typing import Any
 
 import open_clip
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    IdeficsConfig,
+    IdeficsForVisionText2Text,
+    LlamaConfig,
+    PreTrainedModel,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 for directory in (REPO_ROOT / "tests", REPO_ROOT / "examples"):
@@ -50,6 +57,9 @@ class Setup:
     image_size: int
     description: dict[str, Any] = field(default_factory=dict)
     build_seconds: float = 0.0
+    idefics: IdeficsForVisionText2Text | None = None
+    """transformers' IDEFICS at matched shapes (random weights); None when it could not be built (`idefics_error`)."""
+    idefics_error: str | None = None
 
 
 def _write_language_model(config: str, directory: Path, seed: int) -> str:
@@ -91,6 +101,68 @@ def _materialize(module: torch.nn.Module) -> None:
             tensor.data = tensor.data.clone()
 
 
+def idefics_config(ours: Any) -> IdeficsConfig:
+    """An `IdeficsConfig` with hf_flamingo's shapes (`ours.config`): the same LM width, depth, heads, MLP width and
+    vocabulary (IDEFICS' decoder is Llama-style but has no grouped-query attention, so every head has its own keys
+    and values), a gated cross-attention block before every decoder layer, a perceiver with the same latents, depth,
+    heads and head width, and a CLIP-style vision tower of the same width, depth, heads, MLP width, patch and image
+    size. Backbones, embeddings and LM head frozen, as hf_flamingo's `from_backbones` leaves them (W3)."""
+    text, vision, cfg = ours.config.text_config, ours.config.vision_config, ours.config
+    vocab = ours.get_input_embeddings().weight.shape[0]
+    return IdeficsConfig(
+        vocab_size=vocab,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        hidden_act=text.hidden_act,
+        rms_norm_eps=text.rms_norm_eps,
+        max_position_embeddings=text.max_position_embeddings,
+        tie_word_embeddings=True,
+        cross_layer_interval=cfg.cross_attn_every_n_layers,
+        alpha_initializer="zeros",  # opened in `build_idefics` (its "normal" float init fails in transformers 5.25)
+        alpha_type="float",
+        use_resampler=True,
+        perceiver_config={
+            "use_resampler": True,
+            "resampler_n_latents": cfg.perceiver_num_latents,
+            "resampler_depth": cfg.perceiver_depth,
+            "resampler_n_heads": cfg.perceiver_heads,
+            "resampler_head_dim": cfg.perceiver_dim_head,
+        },
+        vision_config={
+            "embed_dim": vision.hidden_size,
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "intermediate_size": vision.intermediate_size,
+            "num_hidden_layers": vision.num_hidden_layers,
+            "num_attention_heads": vision.num_attention_heads,
+            "hidden_act": vision.hidden_act,
+            "layer_norm_eps": vision.layer_norm_eps,
+        },
+        freeze_text_layers=True,
+        freeze_vision_layers=True,
+        freeze_lm_head=True,
+        pad_token_id=text.pad_token_id if text.pad_token_id is not None else 0,
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+    )
+
+
+def build_idefics(ours: Any, seed: int) -> IdeficsForVisionText2Text:
+    """`IdeficsForVisionText2Text` from `idefics_config(ours)`, random weights (seeded), fp32, eval mode."""
+    torch.manual_seed(seed)
+    model = IdeficsForVisionText2Text(idefics_config(ours)).to(torch.float32).eval()
+    with torch.no_grad():  # open the scalar gates to random values, so that the images matter (as for the others)
+        for block in model.model.gated_cross_attn_layers:
+            block.alpha_cross_attn.normal_(0.0, 0.5)
+            block.alpha_dense.normal_(0.0, 0.5)
+    # The input embedding is frozen by `freeze_text_layers` (a partially frozen `IdeficsDecoupledEmbedding`); the
+    # tied LM head shares it.
+    model.get_input_embeddings().weight.requires_grad_(False)
+    return model
+
+
 def build_setup(config: str, directory: Path, seed: int = 0, log=print) -> Setup:
     """Builds the oracle, converts its checkpoint into hf_flamingo, and loads a bare copy of the LM."""
     if config not in CONFIGS:
@@ -127,7 +199,13 @@ def build_setup(config: str, directory: Path, seed: int = 0, log=print) -> Setup
     )
     ours = ours.to(torch.float32).eval()
     bare_lm = _load_language_model(directory)
-    for model in (ours, oracle, bare_lm):
+    idefics, idefics_error = None, None
+    try:
+        idefics = build_idefics(ours, seed)
+    except Exception as error:  # recorded in the report; the other models are still benchmarked
+        idefics_error = f"{type(error).__name__}: {error}"
+        log(f"  IDEFICS could not be built: {idefics_error}")
+    for model in (ours, oracle, bare_lm) + ((idefics,) if idefics is not None else ()):
         _materialize(model)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
@@ -151,6 +229,12 @@ def build_setup(config: str, directory: Path, seed: int = 0, log=print) -> Setup
         "perceiver latents / depth": f"{ours.config.perceiver_num_latents} / {ours.config.perceiver_depth}",
         "hf_flamingo parameters (M)": round(sum(p.numel() for p in ours.parameters()) / 1e6, 1),
         "OpenFlamingo parameters (M)": round(sum(p.numel() for p in oracle.parameters()) / 1e6, 1),
+        "IDEFICS": (
+            f"IdeficsForVisionText2Text, random weights, {sum(p.numel() for p in idefics.parameters()) / 1e6:.1f} M "
+            f"parameters ({sum(p.numel() for p in idefics.parameters() if p.requires_grad) / 1e6:.1f} M trainable)"
+            if idefics is not None
+            else f"not built: {idefics_error}"
+        ),
         "dtype": "float32",
     }
     return Setup(
@@ -162,4 +246,6 @@ def build_setup(config: str, directory: Path, seed: int = 0, log=print) -> Setup
         image_size=image_size,
         description=description,
         build_seconds=time.perf_counter() - start,
+        idefics=idefics,
+        idefics_error=idefics_error,
     )

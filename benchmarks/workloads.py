@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from setups import Setup
-from timing import MB, Candidate, Stats, run_alternating
+from timing import MB, Candidate, Stats, measure, run_alternating
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_flamingo import cpu_fast_path
@@ -44,6 +44,11 @@ SAME_KERNELS = "bare LM, oneDNN products ({})"
 """The bare LM inside `hf_flamingo.cpu_fast_path`, as `FAST` runs its language model (a like-for-like floor)."""
 FAST = "hf_flamingo + cpu_fast_path"
 """hf_flamingo with the opt-in CPU switch on (`hf_flamingo.cpu_fast_path`): float32 inference products on oneDNN."""
+IDEFICS = "IDEFICS"
+"""transformers' `IdeficsForVisionText2Text` at matched shapes (random weights)."""
+COMPILED = "hf_flamingo compiled"
+"""hf_flamingo with `cache_implementation="static"` and `model.forward = torch.compile(model.forward,
+fullgraph=True)` (inductor); compiled once per workload, before the timed runs."""
 
 
 @dataclass
@@ -149,6 +154,99 @@ def ours_generate(setup: Setup, inputs: Inputs, fast: bool = False, **kwargs: An
     return run
 
 
+def idefics_image_attention_mask(
+    setup: Setup, input_ids: torch.LongTensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """IDEFICS' `image_attention_mask` (batch, text length, images) for our token ids: each real token attends to
+    the latest `<image>` at or before it (the `<image>` token included), tokens before the first image and padding
+    to none — what Flamingo's `only_attend_immediate_media` does, and what `IdeficsProcessor` builds around its own
+    `<fake_token_around_image><image>` markers. The ids themselves are ours (one `<image>` token per image), so
+    IDEFICS sees prompts of exactly our lengths."""
+    image_index = (input_ids == setup.ours.config.media_token_id).long().cumsum(dim=1) - 1
+    num_images = int((input_ids == setup.ours.config.media_token_id).sum(dim=1).max())
+    mask = torch.nn.functional.one_hot(image_index.clamp(min=0), num_images)
+    return mask * ((image_index >= 0) & attention_mask.bool()).unsqueeze(-1).long()
+
+
+def idefics_generate(setup: Setup, inputs: Inputs, **kwargs: Any) -> Callable[[], torch.Tensor]:
+    """IDEFICS' `generate` on the same ids, mask and pixels (`pixel_values` (B, T_img, 3, H, W)) with
+    `idefics_image_attention_mask`; the same generation settings as the others."""
+    image_attention_mask = idefics_image_attention_mask(setup, inputs.input_ids, inputs.attention_mask)
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return setup.idefics.generate(
+                input_ids=inputs.input_ids,
+                attention_mask=inputs.attention_mask,
+                pixel_values=inputs.pixel_values,
+                image_attention_mask=image_attention_mask,
+                **kwargs,
+            )
+
+    return run
+
+
+def compiled_generate(
+    setup: Setup, inputs: Inputs, compiled: Callable[..., Any], **kwargs: Any
+) -> Callable[[], torch.Tensor]:
+    """hf_flamingo's `generate` with a static cache and `compiled` (the compiled `forward`) set as the instance's
+    `forward` for the call only, so that the other candidates of the same model run eagerly."""
+    eager = ours_generate(setup, inputs, cache_implementation="static", **kwargs)
+
+    def run() -> torch.Tensor:
+        setup.ours.forward = compiled
+        try:
+            return eager()
+        finally:
+            del setup.ours.forward
+
+    return run
+
+
+def compile_forward(setup: Setup) -> Callable[..., Any]:
+    """A fresh `torch.compile(model.forward, fullgraph=True)` of hf_flamingo (dynamo's caches reset first, so that
+    earlier workloads' graphs do not count against its recompile limit)."""
+    torch.compiler.reset()
+    return torch.compile(setup.ours.forward, fullgraph=True)
+
+
+def guarded(name: str, fn: Callable[[], Any], errors: dict[str, str]) -> Callable[[], Any]:
+    """`fn` that records its first exception in `errors[name]` (and returns None) instead of aborting the workload;
+    once failed it is not called again. The report shows the error in place of the candidate's numbers."""
+
+    def run() -> Any:
+        if name in errors:
+            return None
+        try:
+            return fn()
+        except Exception as error:
+            errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            return None
+
+    return run
+
+
+def peer_candidates(
+    setup: Setup, errors: dict[str, str], idefics: Callable[[], Any] | None, compiled: Callable[[], Any] | None
+) -> list[Candidate]:
+    """The IDEFICS and compiled candidates of a workload (guarded); an IDEFICS that could not be built is recorded."""
+    candidates = []
+    if setup.idefics is None:
+        errors[IDEFICS] = f"not built: {setup.idefics_error}"
+    elif idefics is not None:
+        candidates.append(Candidate(IDEFICS, guarded(IDEFICS, idefics, errors)))
+    if compiled is not None:
+        candidates.append(Candidate(COMPILED, guarded(COMPILED, compiled, errors)))
+    return candidates
+
+
+def first_compiled_call(fn: Callable[[], Any], log=print) -> float:
+    """Times the first call of a compiled candidate (compilation + one run), untimed by the alternating runner."""
+    sample = measure(fn)
+    log(f"    first compiled call (compilation + run): {sample.seconds:.1f} s")
+    return sample.seconds
+
+
 def oracle_generate(setup: Setup, inputs: Inputs, **kwargs: Any) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
         with torch.inference_mode():
@@ -239,9 +337,10 @@ def generation_gflops(
     oracle: Callable[[], Any],
     bare: Callable[[], Any],
     features: Callable[[], Any],
-) -> dict[str, float]:
+    idefics: Callable[[], Any] | None = None,
+) -> dict[str, float | None]:
     """Counted GFLOPs of both Flamingos and of the floor's two parts (bare LM decoding, one image encoding)."""
-    models = (setup.ours, setup.oracle, setup.bare_lm)
+    models = (setup.ours, setup.oracle, setup.bare_lm) + ((setup.idefics,) if setup.idefics is not None else ())
     counts = {
         "hf_flamingo": count_gflops(ours, *models),
         "OpenFlamingo": count_gflops(oracle, *models),
@@ -249,6 +348,12 @@ def generation_gflops(
         "image features": count_gflops(features, *models),
     }
     counts["floor"] = counts["bare LM"] + counts["image features"]
+    if idefics is not None and setup.idefics is not None:
+        try:
+            counts[IDEFICS] = count_gflops(idefics, *models)
+        except Exception as error:  # the timed runs record the error too
+            counts[IDEFICS] = None
+            print(f"    IDEFICS FLOP count failed: {type(error).__name__}: {error}")
     return counts
 
 
@@ -256,25 +361,39 @@ def generation_gflops(
 # Workloads: each returns a JSON-able dict and keeps its `Stats` under "stats"
 
 
-def run_w1(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]:
+def run_w1(setup: Setup, repeats: int, warmup: int, log=print, compile: bool = True) -> dict[str, Any]:
     """4-shot captioning, batch 1, 3 beams, exactly 20 new tokens; and the floor (bare LM + one image encoding)."""
     inputs = w1_inputs(setup)
     kwargs = generation_kwargs(setup, new_tokens=20, num_beams=3)
     text_ids = text_only_ids(setup, inputs.input_ids)
     same_kernels_name = SAME_KERNELS.format("3 beams, 20 tokens")
-    stats = run_alternating(
-        [
-            Candidate("hf_flamingo", ours_generate(setup, inputs, **kwargs)),
-            Candidate(FAST, ours_generate(setup, inputs, fast=True, **kwargs)),
-            Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
-            Candidate("bare LM (3 beams, 20 tokens)", bare_generate(setup, text_ids, **kwargs)),
-            Candidate(same_kernels_name, bare_generate(setup, text_ids, same_kernels=True, **kwargs)),
-            Candidate("hf_flamingo get_image_features (5 images)", ours_image_features(setup, inputs.pixel_values)),
-        ],
-        repeats=repeats,
-        warmup=warmup,
-        log=log,
+    errors: dict[str, str] = {}
+    peers = peer_candidates(
+        setup,
+        errors,
+        idefics_generate(setup, inputs, **kwargs),
+        compiled_generate(setup, inputs, compile_forward(setup), **kwargs) if compile else None,
     )
+    try:
+        first = {c.name: first_compiled_call(c.fn, log) for c in peers if c.name == COMPILED}
+        stats = run_alternating(
+            [
+                Candidate("hf_flamingo", ours_generate(setup, inputs, **kwargs)),
+                Candidate(FAST, ours_generate(setup, inputs, fast=True, **kwargs)),
+                Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
+                *peers,
+                Candidate("bare LM (3 beams, 20 tokens)", bare_generate(setup, text_ids, **kwargs)),
+                Candidate(same_kernels_name, bare_generate(setup, text_ids, same_kernels=True, **kwargs)),
+                Candidate(
+                    "hf_flamingo get_image_features (5 images)", ours_image_features(setup, inputs.pixel_values)
+                ),
+            ],
+            repeats=repeats,
+            warmup=warmup,
+            log=log,
+        )
+    finally:
+        torch.compiler.reset()
     features = stats["hf_flamingo get_image_features (5 images)"].median
     floor = stats["bare LM (3 beams, 20 tokens)"].median + features
     floor_same_kernels = stats[same_kernels_name].median + features
@@ -284,8 +403,10 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
         oracle_generate(setup, inputs, **kwargs),
         bare_generate(setup, text_ids, **kwargs),
         ours_image_features(setup, inputs.pixel_values),
+        idefics_generate(setup, inputs, **kwargs) if setup.idefics is not None else None,
     )
     return {
+        **peer_results(stats, errors, first),
         "gflops": gflops,
         "prompt_tokens": int(inputs.input_ids.shape[1]),
         "images": int(inputs.pixel_values.shape[1]),
@@ -300,7 +421,9 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
     }
 
 
-def run_w2(setup: Setup, new_tokens: int, repeats: int, warmup: int, log=print) -> dict[str, Any]:
+def run_w2(
+    setup: Setup, new_tokens: int, repeats: int, warmup: int, log=print, compile: bool = True
+) -> dict[str, Any]:
     """2-shot VQA, batch 8 (left-padded), greedy, exactly `new_tokens` new tokens; and its floor (the bare LM on
     text-only prompts of the same lengths, same decoding, + one image encoding of the 24 images)."""
     inputs = w2_inputs(setup)
@@ -312,22 +435,34 @@ def run_w2(setup: Setup, new_tokens: int, repeats: int, warmup: int, log=print) 
     )
     text_ids = text_only_ids(setup, inputs.input_ids)
     bare = bare_generate(setup, text_ids, attention_mask=inputs.attention_mask, **kwargs)
-    stats = run_alternating(
-        [
-            Candidate("hf_flamingo", ours_generate(setup, inputs, **kwargs)),
-            Candidate(FAST, ours_generate(setup, inputs, fast=True, **kwargs)),
-            Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
-            Candidate(bare_name, bare),
-            Candidate(
-                same_kernels_name,
-                bare_generate(setup, text_ids, attention_mask=inputs.attention_mask, same_kernels=True, **kwargs),
-            ),
-            Candidate(features_name, ours_image_features(setup, inputs.pixel_values)),
-        ],
-        repeats=repeats,
-        warmup=warmup,
-        log=log,
+    errors: dict[str, str] = {}
+    peers = peer_candidates(
+        setup,
+        errors,
+        idefics_generate(setup, inputs, **kwargs),
+        compiled_generate(setup, inputs, compile_forward(setup), **kwargs) if compile else None,
     )
+    try:
+        first = {c.name: first_compiled_call(c.fn, log) for c in peers if c.name == COMPILED}
+        stats = run_alternating(
+            [
+                Candidate("hf_flamingo", ours_generate(setup, inputs, **kwargs)),
+                Candidate(FAST, ours_generate(setup, inputs, fast=True, **kwargs)),
+                Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
+                *peers,
+                Candidate(bare_name, bare),
+                Candidate(
+                    same_kernels_name,
+                    bare_generate(setup, text_ids, attention_mask=inputs.attention_mask, same_kernels=True, **kwargs),
+                ),
+                Candidate(features_name, ours_image_features(setup, inputs.pixel_values)),
+            ],
+            repeats=repeats,
+            warmup=warmup,
+            log=log,
+        )
+    finally:
+        torch.compiler.reset()
     floor = stats[bare_name].median + stats[features_name].median
     floor_same_kernels = stats[same_kernels_name].median + stats[features_name].median
     gflops = generation_gflops(
@@ -336,8 +471,10 @@ def run_w2(setup: Setup, new_tokens: int, repeats: int, warmup: int, log=print) 
         oracle_generate(setup, inputs, **kwargs),
         bare,
         ours_image_features(setup, inputs.pixel_values),
+        idefics_generate(setup, inputs, **kwargs) if setup.idefics is not None else None,
     )
     return {
+        **peer_results(stats, errors, first),
         "floor_names": (bare_name, features_name),
         "floor_s": floor,
         "ours_over_floor": stats["hf_flamingo"].median / floor,
@@ -351,6 +488,16 @@ def run_w2(setup: Setup, new_tokens: int, repeats: int, warmup: int, log=print) 
         "identical": identical(stats["hf_flamingo"].last_result, stats["OpenFlamingo"].last_result),
         "fast_identical": identical(stats[FAST].last_result, stats["OpenFlamingo"].last_result),
     }
+
+
+def peer_results(stats: dict[str, Stats], errors: dict[str, str], first_call_s: dict[str, float]) -> dict[str, Any]:
+    """The IDEFICS / compiled part of a generation workload's result: errors, compile time (first call minus the
+    median of the timed runs), and whether the compiled tokens equal the eager ones."""
+    out: dict[str, Any] = {"errors": dict(errors)}
+    if COMPILED in first_call_s and COMPILED not in errors:
+        out["compile_s"] = first_call_s[COMPILED] - stats[COMPILED].median
+        out["compiled_identical"] = identical(stats[COMPILED].last_result, stats["hf_flamingo"].last_result)
+    return out
 
 
 def _saved_for_backward_mb(forward: Callable[[], torch.Tensor]) -> float:
@@ -389,6 +536,18 @@ def run_w3(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
             labels=inputs.labels,
         ).loss
 
+    idefics = setup.idefics
+    idefics_mask = idefics_image_attention_mask(setup, inputs.input_ids, inputs.attention_mask)
+
+    def idefics_loss() -> torch.Tensor:
+        return idefics(
+            input_ids=inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            pixel_values=inputs.pixel_values,
+            image_attention_mask=idefics_mask,
+            labels=inputs.labels,
+        ).loss
+
     def step(loss_fn: Callable[[], torch.Tensor], fast: bool = False) -> Callable[[], float]:
         def run() -> float:
             with cpu_fast_path(enabled=fast):
@@ -398,12 +557,25 @@ def run_w3(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
 
         return run
 
+    models = [ours, oracle] + ([idefics] if idefics is not None else [])
     trainable = {
         "hf_flamingo": sum(p.numel() for p in ours.parameters() if p.requires_grad),
         "OpenFlamingo": sum(p.numel() for p in oracle.parameters() if p.requires_grad),
     }
-    ours.train()
-    oracle.train()
+    errors: dict[str, str] = {}
+    peers = []
+    if idefics is not None:
+        trainable[IDEFICS] = sum(p.numel() for p in idefics.parameters() if p.requires_grad)
+    peers = peer_candidates(setup, errors, step(idefics_loss) if idefics is not None else None, None)
+    for candidate in peers:
+        candidate.before = lambda: idefics.zero_grad(set_to_none=True)
+
+    def zero_all() -> None:
+        for model in models:
+            model.zero_grad(set_to_none=True)
+
+    for model in models:
+        model.train()
     try:
         with torch.enable_grad():
             stats = run_alternating(
@@ -411,30 +583,34 @@ def run_w3(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
                     Candidate("hf_flamingo", step(ours_loss), lambda: ours.zero_grad(set_to_none=True)),
                     Candidate(FAST, step(ours_loss, fast=True), lambda: ours.zero_grad(set_to_none=True)),
                     Candidate("OpenFlamingo", step(oracle_loss), lambda: oracle.zero_grad(set_to_none=True)),
+                    *peers,
                 ],
                 repeats=repeats,
                 warmup=warmup,
                 log=log,
             )
-            ours.zero_grad(set_to_none=True)
-            oracle.zero_grad(set_to_none=True)
+            zero_all()
             saved = {
                 "hf_flamingo": _saved_for_backward_mb(ours_loss),
                 "OpenFlamingo": _saved_for_backward_mb(oracle_loss),
             }
-            ours.zero_grad(set_to_none=True)
-            oracle.zero_grad(set_to_none=True)
+            zero_all()
             gflops = {
                 "hf_flamingo": count_gflops(step(ours_loss), inference=False),
                 "OpenFlamingo": count_gflops(step(oracle_loss), inference=False),
             }
+            if idefics is not None and IDEFICS not in errors:
+                zero_all()
+                saved[IDEFICS] = _saved_for_backward_mb(idefics_loss)
+                zero_all()
+                gflops[IDEFICS] = count_gflops(step(idefics_loss), inference=False)
     finally:
-        ours.zero_grad(set_to_none=True)
-        oracle.zero_grad(set_to_none=True)
-        ours.eval()
-        oracle.eval()
+        zero_all()
+        for model in models:
+            model.eval()
     losses = {name: s.last_result for name, s in stats.items()}
     return {
+        "errors": errors,
         "batch": int(inputs.input_ids.shape[0]),
         "tokens": int(inputs.input_ids.shape[1]),
         "images_per_sample": int(inputs.pixel_values.shape[1]),
@@ -490,7 +666,7 @@ def decode_flops(setup: Setup, context_length: float) -> dict[str, float]:
     }
 
 
-def run_w4(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]:
+def run_w4(setup: Setup, repeats: int, warmup: int, log=print, compile: bool = True) -> dict[str, Any]:
     """Per-token decode time at the W1 context (batch 1, greedy): (t(21 tokens) - t(1 token)) / 20."""
     inputs = w1_inputs(setup)
     text_ids = text_only_ids(setup, inputs.input_ids)
@@ -505,8 +681,32 @@ def run_w4(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
             setup, text_ids, same_kernels=True, **generation_kwargs(setup, n, 1)
         ),
     }
+    errors: dict[str, str] = {}
+    peers = {IDEFICS: lambda n: idefics_generate(setup, inputs, **generation_kwargs(setup, n, 1))}
+    if compile:
+        compiled = compile_forward(setup)
+        peers[COMPILED] = lambda n: compiled_generate(setup, inputs, compiled, **generation_kwargs(setup, n, 1))
     candidates = [Candidate(f"{name} {n} tok", make(n)) for name, make in models.items() for n in (short, long)]
-    stats = run_alternating(candidates, repeats=repeats, warmup=warmup, log=log)
+    for name, make in peers.items():
+        for n in (short, long):
+            candidate = Candidate(f"{name} {n} tok", make(n))
+            if name == IDEFICS and setup.idefics is None:
+                errors[IDEFICS] = f"not built: {setup.idefics_error}"
+                continue
+            candidate.fn = guarded(name, candidate.fn, errors)
+            candidates.append(candidate)
+    try:
+        # Compiles the graphs of both lengths (each has its own static cache size) before the timed runs.
+        first = {c.name: first_compiled_call(c.fn, log) for c in candidates if c.name.startswith(COMPILED)}
+        stats = run_alternating(candidates, repeats=repeats, warmup=warmup, log=log)
+    finally:
+        torch.compiler.reset()
+    for name in peers:
+        if name not in errors and f"{name} {long} tok" in stats:
+            models[name] = peers[name]
+    compile_s = None
+    if COMPILED in models:
+        compile_s = sum(first[f"{COMPILED} {n} tok"] - stats[f"{COMPILED} {n} tok"].median for n in (short, long))
     per_token: dict[str, float] = {}
     paired: dict[str, list[float]] = {}
     for name in models:
@@ -517,6 +717,10 @@ def run_w4(setup: Setup, repeats: int, warmup: int, log=print) -> dict[str, Any]
     budget = 1.15 * per_token["bare LM"] * flops["flop_ratio"]
     budget_same_kernels = 1.15 * per_token[same_kernels_name] * flops["flop_ratio"]
     return {
+        "errors": errors,
+        "compile_s": compile_s,
+        "compiled_identical": COMPILED in models
+        and identical(stats[f"{COMPILED} {long} tok"].last_result, stats[f"hf_flamingo {long} tok"].last_result),
         "prompt_tokens": int(inputs.input_ids.shape[1]),
         "stats": stats,
         "per_token_s": per_token,

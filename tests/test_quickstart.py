@@ -21,9 +21,11 @@ from quickstart import (  # noqa: E402
     build_optimizer,
     build_parser,
     caption_for,
+    choose_num_threads,
     decode_caption,
     draw_shape,
     generate_captions,
+    idle_cores,
     load_smollm2,
     main,
     make_data_collator,
@@ -220,3 +222,36 @@ def test_decode_caption_keeps_first_sentence(reloaded):
     assert decode_caption(processor, ids) == "A red circle."
     ids = tokenizer(" A red circle. A blue square", add_special_tokens=False)["input_ids"]
     assert decode_caption(processor, ids) == "A red circle."
+
+
+def test_threads_follow_the_idle_cores_unless_given(monkeypatch):
+    import quickstart
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(quickstart.os, "cpu_count", lambda: 2)
+    assert choose_num_threads(1) == (1, "--num-threads")
+    for idle, expected in ((1.9, 2), (1.8, 2), (1.7, 1), (0.3, 1), (0.0, 1)):
+        monkeypatch.setattr(quickstart, "idle_cores", lambda idle=idle: idle)
+        assert choose_num_threads(None) == (expected, f"{idle:.1f} of 2 cores idle")
+    monkeypatch.setattr(quickstart, "idle_cores", lambda: None)
+    assert choose_num_threads(None) == (2, "torch's default")
+
+
+def test_idle_cores_reads_proc_stat(monkeypatch, tmp_path):
+    import quickstart
+
+    samples = iter(["cpu  100 0 50 800 50 0 0 0 0 0\n", "cpu  150 0 50 950 50 0 0 0 0 0\n"])
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if path == "/proc/stat":
+            stat = tmp_path / "stat"
+            stat.write_text(next(samples))
+            return real_open(stat, *args, **kwargs)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    monkeypatch.setattr(quickstart.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(quickstart.os, "cpu_count", lambda: 2)
+    # 200 ticks passed, 150 of them idle: 0.75 of the CPU time, i.e. 1.5 of 2 cores.
+    assert idle_cores() == 1.5
