@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,21 +179,17 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     ) -> Any:
         """As [`~PreTrainedModel.push_to_hub`], uploading this model's card (see [`save_pretrained`]) instead of an
         empty template; `model_card` uploads a card of your own."""
-        cards = _model_card_module(required=False)
-        if cards is None:
-            return super().push_to_hub(
-                repo_id,
-                commit_message=commit_message,
-                commit_description=commit_description,
-                private=private,
-                token=token,
-                revision=revision,
-                create_pr=create_pr,
-                max_shard_size=max_shard_size,
-                tags=tags,
-            )
-        import tempfile
-
+        hub_options = {
+            "commit_message": commit_message,
+            "commit_description": commit_description,
+            "private": private,
+            "token": token,
+            "revision": revision,
+            "create_pr": create_pr,
+            "tags": tags,
+        }
+        if _model_card_module(required=False) is None:
+            return super().push_to_hub(repo_id, max_shard_size=max_shard_size, **hub_options)
         with tempfile.TemporaryDirectory() as directory:
             return self.save_pretrained(
                 directory,
@@ -200,13 +197,7 @@ class FlamingoPreTrainedModel(PreTrainedModel):
                 max_shard_size=max_shard_size,
                 model_card=model_card,
                 repo_id=repo_id,
-                commit_message=commit_message,
-                commit_description=commit_description,
-                private=private,
-                token=token,
-                revision=revision,
-                create_pr=create_pr,
-                tags=tags,
+                **hub_options,
             )
 
 
