@@ -21,6 +21,7 @@ from transformers import AutoProcessor
 
 from hf_flamingo import FlamingoForConditionalGeneration
 from hf_flamingo.evaluation import EvaluationConfig, EvaluationResults, evaluate, tasks
+from hf_flamingo.evaluation.runner import end_processes
 
 
 def _fail(*args, **kwargs):
@@ -56,6 +57,7 @@ def main(plan_path: str, out_dir: str) -> None:
             (out / f"{name}.error-rank{rank}.txt").write_text(f"{type(error).__name__}: {error}")
     group = {"world_size": dist.get_world_size(), "backend": dist.get_backend()} if dist.is_initialized() else {}
     (out / f"process-rank{rank}.json").write_text(json.dumps(group))
+    end_processes()
 
 
 if __name__ == "__main__":

@@ -276,7 +276,7 @@ def _with_flags(message: str) -> str:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluation.runner import evaluate, is_main_process, load_evaluation_data, process_device
+    from .evaluation.runner import end_processes, evaluate, is_main_process, load_evaluation_data, process_device
 
     model_source = _model_source(args.model)
     config = _evaluation_config(args)
@@ -287,17 +287,21 @@ def _run_eval(args: argparse.Namespace) -> int:
         data = load_evaluation_data(config)  # reads the data set and checks the shots against its pool
     except ValueError as error:
         raise CommandLineError(_with_flags(str(error))) from error
-    model, processor = _load_model_and_processor(model_source, process_device(args.device))  # torchrun: cuda:<rank>
-    results = evaluate(
-        model,
-        processor,
-        config,
-        output_path=args.output,
-        progress=not args.no_progress,
-        cpu_fast_path=not args.no_cpu_fast_path,
-        data=data,
-    )
-    if not is_main_process():  # under torchrun / accelerate launch the main process prints (and wrote the file)
+    try:
+        model, processor = _load_model_and_processor(model_source, process_device(args.device))  # cuda:<rank>
+        results = evaluate(
+            model,
+            processor,
+            config,
+            output_path=args.output,
+            progress=not args.no_progress,
+            cpu_fast_path=not args.no_cpu_fast_path,
+            data=data,
+        )
+        main_process = is_main_process()
+    finally:
+        end_processes()
+    if not main_process:  # under torchrun / accelerate launch the main process prints (and wrote the file)
         return 0
     for result in results.results:
         trials = ", ".join(f"{score:.2f}" for score in result.trials)

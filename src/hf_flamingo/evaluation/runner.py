@@ -67,6 +67,7 @@ __all__ = [
     "EvaluationResults",
     "ShotResult",
     "TASKS",
+    "end_processes",
     "evaluate",
     "is_main_process",
     "load_evaluation_data",
@@ -421,6 +422,15 @@ class _Processes:
 def is_main_process() -> bool:
     """Whether this is the process that writes results and prints (always, outside `torchrun` / `accelerate launch`)."""
     return _Processes().is_main_process
+
+
+def end_processes() -> None:
+    """Destroys the process group that evaluation set up under `torchrun` / `accelerate launch`; call it once, when
+    a program is done evaluating. A process that exits with the group still alive can abort in the collective
+    backend's destructor ("terminate called without an active exception") while the others finish. Does nothing in
+    a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def process_device(device: str) -> str:
