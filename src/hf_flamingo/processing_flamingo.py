@@ -321,11 +321,14 @@ class FlamingoProcessor(ProcessorMixin):
         images given for that sample.
 
         Args:
-            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, or a (nested) list of them, *optional*):
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str` (path or URL), or a (nested) list of them, *optional*):
                 The images, in one of these layouts:
 
                 - a nested list with one (possibly empty) list of images per text, e.g. `[[img_a, img_b], [img_c], []]`;
-                - a single image or a flat list of images, only when `text` is a single string (or `None`).
+                - a single image or a flat list of images: all of them for a single text, or, for several texts,
+                  handed out in order, one per `<image>` token (e.g. one image per text).
+
+                Paths, URLs and base64 strings are loaded with transformers' `load_image`.
 
                 Arrays and tensors are single images when they have 2 or 3 dimensions, and a stack of images when
                 they have 4. Every image is checked before any work, and errors name the sample and image index:
