@@ -361,12 +361,18 @@ def generation_gflops(
 # Workloads: each returns a JSON-able dict and keeps its `Stats` under "stats"
 
 
-def run_w1(setup: Setup, repeats: int, warmup: int, log=print, compile: bool = True) -> dict[str, Any]:
-    """4-shot captioning, batch 1, 3 beams, exactly 20 new tokens; and the floor (bare LM + one image encoding)."""
-    inputs = w1_inputs(setup)
-    kwargs = generation_kwargs(setup, new_tokens=20, num_beams=3)
-    text_ids = text_only_ids(setup, inputs.input_ids)
-    same_kernels_name = SAME_KERNELS.format("3 beams, 20 tokens")
+def time_generation(
+    setup: Setup,
+    inputs: Inputs,
+    kwargs: dict[str, Any],
+    floor_candidates: list[Candidate],
+    repeats: int,
+    warmup: int,
+    log=print,
+    compile: bool = True,
+) -> dict[str, Any]:
+    """Times one generation workload, alternating: hf_flamingo (default and `cpu_fast_path`), OpenFlamingo, IDEFICS
+    and the compiled model (`peer_candidates`), then `floor_candidates`. Returns `peer_results(...)` plus "stats"."""
     errors: dict[str, str] = {}
     peers = peer_candidates(
         setup,
@@ -382,11 +388,7 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print, compile: bool = T
                 Candidate(FAST, ours_generate(setup, inputs, fast=True, **kwargs)),
                 Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
                 *peers,
-                Candidate("bare LM (3 beams, 20 tokens)", bare_generate(setup, text_ids, **kwargs)),
-                Candidate(same_kernels_name, bare_generate(setup, text_ids, same_kernels=True, **kwargs)),
-                Candidate(
-                    "hf_flamingo get_image_features (5 images)", ours_image_features(setup, inputs.pixel_values)
-                ),
+                *floor_candidates,
             ],
             repeats=repeats,
             warmup=warmup,
@@ -394,6 +396,22 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print, compile: bool = T
         )
     finally:
         torch.compiler.reset()
+    return {**peer_results(stats, errors, first), "stats": stats}
+
+
+def run_w1(setup: Setup, repeats: int, warmup: int, log=print, compile: bool = True) -> dict[str, Any]:
+    """4-shot captioning, batch 1, 3 beams, exactly 20 new tokens; and the floor (bare LM + one image encoding)."""
+    inputs = w1_inputs(setup)
+    kwargs = generation_kwargs(setup, new_tokens=20, num_beams=3)
+    text_ids = text_only_ids(setup, inputs.input_ids)
+    same_kernels_name = SAME_KERNELS.format("3 beams, 20 tokens")
+    floor_candidates = [
+        Candidate("bare LM (3 beams, 20 tokens)", bare_generate(setup, text_ids, **kwargs)),
+        Candidate(same_kernels_name, bare_generate(setup, text_ids, same_kernels=True, **kwargs)),
+        Candidate("hf_flamingo get_image_features (5 images)", ours_image_features(setup, inputs.pixel_values)),
+    ]
+    timed = time_generation(setup, inputs, kwargs, floor_candidates, repeats, warmup, log, compile)
+    stats = timed["stats"]
     features = stats["hf_flamingo get_image_features (5 images)"].median
     floor = stats["bare LM (3 beams, 20 tokens)"].median + features
     floor_same_kernels = stats[same_kernels_name].median + features
@@ -406,11 +424,10 @@ def run_w1(setup: Setup, repeats: int, warmup: int, log=print, compile: bool = T
         idefics_generate(setup, inputs, **kwargs) if setup.idefics is not None else None,
     )
     return {
-        **peer_results(stats, errors, first),
+        **timed,
         "gflops": gflops,
         "prompt_tokens": int(inputs.input_ids.shape[1]),
         "images": int(inputs.pixel_values.shape[1]),
-        "stats": stats,
         "identical": identical(stats["hf_flamingo"].last_result, stats["OpenFlamingo"].last_result),
         "fast_identical": identical(stats[FAST].last_result, stats["OpenFlamingo"].last_result),
         "floor_s": floor,
@@ -435,34 +452,16 @@ def run_w2(
     )
     text_ids = text_only_ids(setup, inputs.input_ids)
     bare = bare_generate(setup, text_ids, attention_mask=inputs.attention_mask, **kwargs)
-    errors: dict[str, str] = {}
-    peers = peer_candidates(
-        setup,
-        errors,
-        idefics_generate(setup, inputs, **kwargs),
-        compiled_generate(setup, inputs, compile_forward(setup), **kwargs) if compile else None,
-    )
-    try:
-        first = {c.name: first_compiled_call(c.fn, log) for c in peers if c.name == COMPILED}
-        stats = run_alternating(
-            [
-                Candidate("hf_flamingo", ours_generate(setup, inputs, **kwargs)),
-                Candidate(FAST, ours_generate(setup, inputs, fast=True, **kwargs)),
-                Candidate("OpenFlamingo", oracle_generate(setup, inputs, **kwargs)),
-                *peers,
-                Candidate(bare_name, bare),
-                Candidate(
-                    same_kernels_name,
-                    bare_generate(setup, text_ids, attention_mask=inputs.attention_mask, same_kernels=True, **kwargs),
-                ),
-                Candidate(features_name, ours_image_features(setup, inputs.pixel_values)),
-            ],
-            repeats=repeats,
-            warmup=warmup,
-            log=log,
-        )
-    finally:
-        torch.compiler.reset()
+    floor_candidates = [
+        Candidate(bare_name, bare),
+        Candidate(
+            same_kernels_name,
+            bare_generate(setup, text_ids, attention_mask=inputs.attention_mask, same_kernels=True, **kwargs),
+        ),
+        Candidate(features_name, ours_image_features(setup, inputs.pixel_values)),
+    ]
+    timed = time_generation(setup, inputs, kwargs, floor_candidates, repeats, warmup, log, compile)
+    stats = timed["stats"]
     floor = stats[bare_name].median + stats[features_name].median
     floor_same_kernels = stats[same_kernels_name].median + stats[features_name].median
     gflops = generation_gflops(
@@ -474,7 +473,7 @@ def run_w2(
         idefics_generate(setup, inputs, **kwargs) if setup.idefics is not None else None,
     )
     return {
-        **peer_results(stats, errors, first),
+        **timed,
         "floor_names": (bare_name, features_name),
         "floor_s": floor,
         "ours_over_floor": stats["hf_flamingo"].median / floor,
@@ -484,7 +483,6 @@ def run_w2(
         "gflops": gflops,
         "batch": int(inputs.input_ids.shape[0]),
         "prompt_tokens": [int(n) for n in inputs.attention_mask.sum(dim=1)],
-        "stats": stats,
         "identical": identical(stats["hf_flamingo"].last_result, stats["OpenFlamingo"].last_result),
         "fast_identical": identical(stats[FAST].last_result, stats["OpenFlamingo"].last_result),
     }
