@@ -13,16 +13,19 @@ Run: `python benchmarks/run_benchmarks.py` (real SmolLM2-135M + ViT-B/16-shaped 
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A fresh inductor cache, so that the reported compile times are cold (not reusing an earlier run's kernels or
+# autotuning results).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="hf_flamingo_benchmark_inductor_"))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
