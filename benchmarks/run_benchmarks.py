@@ -12,15 +12,19 @@ Run: `python benchmarks/run_benchmarks.py` (real SmolLM2-135M + ViT-B/16-shaped 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A fresh inductor cache, so that the reported compile times are cold (not reusing an earlier run's kernels or
-# autotuning results).
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="hf_flamingo_benchmark_inductor_"))
+# autotuning results); removed at exit.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="hf_flamingo_benchmark_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
